@@ -1,0 +1,195 @@
+"""The one settings object: defaults, then an optional TOML file, then BANKLLM_* environment, then CLI flags.
+
+Nothing else in bankllm reads os.environ; everything reads a Settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from .errors import ConfigError
+
+ENV_PREFIX = "BANKLLM_"
+
+
+def _doc(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("bankllm", appauthor=False))
+
+
+def default_config_dir() -> Path:
+    return Path(platformdirs.user_config_dir("bankllm", appauthor=False))
+
+
+@dataclass
+class Settings:
+    """Every tunable of bankllm, each with a description (shown by `bankllm doctor --settings`)."""
+
+    # --- general -----------------------------------------------------------------------------
+    debug: bool = field(default=False, metadata=_doc("Show tracebacks on errors."))
+    data_dir: Path = field(default_factory=default_data_dir, metadata=_doc(
+        "Where bankllm keeps the embedded base checkpoint, caches and builds."))
+    threads: int = field(default=0, metadata=_doc(
+        "CPU threads for llama.cpp (0 = all physical cores)."))
+
+    # --- build and quality gate --------------------------------------------------------------
+    gate_ship_below: float = field(default=0.05, metadata=_doc(
+        "Perplexity increase over f16 under which a quant ships silently (0.05 = 5%)."))
+    gate_warn_below: float = field(default=0.15, metadata=_doc(
+        "Perplexity increase under which a quant ships with a warning."))
+    gate_escalate_below: float = field(default=0.30, metadata=_doc(
+        "Perplexity increase under which the gate moves up to the next quant; above it the quant is refused."))
+    gate_n_ctx: int = field(default=512, metadata=_doc(
+        "Context length of each perplexity chunk (the second half of each chunk is scored, as llama-perplexity does)."))
+    gate_max_chunks: int = field(default=0, metadata=_doc(
+        "Use at most this many chunks of the gate text (0 = all)."))
+    quant_ladder: list[str] = field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"], metadata=_doc(
+        "Quantizations that --quant auto walks, lowest bit first."))
+    min_free_disk_factor: float = field(default=4.0, metadata=_doc(
+        "Refuse a build unless free disk is at least this many times the base checkpoint's size."))
+    fetch_timeout_s: float = field(default=60.0, metadata=_doc("Timeout for fetching an adapter from a URL."))
+
+    # --- service -----------------------------------------------------------------------------
+    host: str = field(default="127.0.0.1", metadata=_doc("Address the service binds to (loopback by default)."))
+    port: int = field(default=8080, metadata=_doc("TCP port of the service."))
+    model: Path | None = field(default=None, metadata=_doc(
+        "GGUF file or build directory to serve (a build directory's model.gguf)."))
+    model_name: str = field(default="bankllm", metadata=_doc("Model id reported by /v1/models and accepted in requests."))
+    n_ctx: int = field(default=4096, metadata=_doc("Total KV-cache context shared by all sequences."))
+    n_seq_max: int = field(default=8, metadata=_doc("Most sequences decoded together (continuous batching slots)."))
+    seq_ctx: int = field(default=2048, metadata=_doc("Most tokens (prompt + completion) of one sequence."))
+    queue_max: int = field(default=64, metadata=_doc("Requests allowed to wait for a slot; more get 503."))
+    max_tokens_cap: int = field(default=1024, metadata=_doc("Largest max_tokens a request may ask for."))
+    max_body_bytes: int = field(default=256 * 1024, metadata=_doc("Largest request body accepted."))
+    request_timeout_s: float = field(default=120.0, metadata=_doc("A request still running after this is cancelled (504)."))
+    rate_limit_per_minute: int = field(default=600, metadata=_doc("Requests per minute allowed per API key (0 = no limit)."))
+    keys_file: Path | None = field(default=None, metadata=_doc(
+        "File of API key hashes; default: $CREDENTIALS_DIRECTORY/api-keys, else <config dir>/api-keys."))
+    require_keys: bool = field(default=True, metadata=_doc("Require an API key on every route but /health."))
+    audit_log: Path | None = field(default=None, metadata=_doc("JSON-lines audit log file (default: standard error)."))
+    audit_include_text: bool = field(default=False, metadata=_doc(
+        "Record prompt and completion text in the audit log, with card numbers, IBANs, accounts, e-mails and phones masked."))
+    conversation_turns: int = field(default=10, metadata=_doc("Turns of history kept per banking conversation."))
+    conversation_ttl_s: float = field(default=1800.0, metadata=_doc("A banking conversation idle this long is forgotten."))
+    system_prompt: str = field(default=(
+        "You are a helpful, precise assistant for a bank's customers and staff. Answer briefly. "
+        "Never ask for or repeat full card numbers, PINs or passwords."), metadata=_doc(
+        "System prompt of the banking chat endpoint and the Modelfile."))
+
+    # --- install -----------------------------------------------------------------------------
+    allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"], metadata=_doc(
+        "Client networks the systemd unit lets reach the service (IPAddressAllow)."))
+    install_python: Path = field(default=Path("/usr/bin/python3"), metadata=_doc(
+        "Python that the installed service's virtual environment is made from (must live outside /root and /home)."))
+    install_ready_timeout_s: float = field(default=180.0, metadata=_doc(
+        "How long `bankllm install` waits for the started service's /ready before rolling back."))
+
+    @classmethod
+    def load(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from defaults, a TOML file, BANKLLM_* variables, then explicit overrides (None = unset)."""
+        env = os.environ if env is None else env
+        values: dict[str, typing.Any] = {}
+        if config is None and env.get(ENV_PREFIX + "CONFIG"):
+            config = Path(env[ENV_PREFIX + "CONFIG"])
+        if config is not None:
+            values.update(_read_toml(Path(config)))
+        names = {f.name for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = raw
+        for key, value in overrides.items():
+            if key not in names:
+                raise ConfigError(f"unknown setting {key!r}", "see `bankllm doctor --settings` for the list")
+            if value is not None:
+                values[key] = value
+        hints = typing.get_type_hints(cls)
+        kwargs = {name: _coerce(name, hints[name], value) for name, value in values.items()}
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not (0 < self.gate_ship_below <= self.gate_warn_below <= self.gate_escalate_below):
+            raise ConfigError("gate thresholds must satisfy 0 < ship <= warn <= escalate",
+                              "set gate_ship_below, gate_warn_below, gate_escalate_below in increasing order")
+        if self.gate_n_ctx < 16:
+            raise ConfigError(f"gate_n_ctx={self.gate_n_ctx} is too small", "use at least 16 (512 is the default)")
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"port {self.port} is out of range", "use a port between 1 and 65535")
+
+    def resolved_threads(self) -> int:
+        if self.threads > 0:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)))
+
+    @staticmethod
+    def describe() -> list[tuple[str, str, str]]:
+        """(name, default, description) for every setting."""
+        rows = []
+        for f in dataclasses.fields(Settings):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f.name, repr(default), f.metadata.get("help", "")))
+        return rows
+
+
+def env_flag(name: str, env: typing.Mapping[str, str] | None = None) -> str | None:
+    """Read one BANKLLM_* variable (for the few things needed before Settings exist, like BANKLLM_DEBUG)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_PREFIX + name)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist", "create it or drop --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}", "fix the syntax") from None
+    # Accept both a flat file and one [bankllm] table.
+    return data.get("bankllm", data)
+
+
+def _coerce(name: str, hint, value):
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        if value is None or value == "":
+            return None
+        hint, origin = args[0], typing.get_origin(args[0])
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is Path:
+            return Path(value).expanduser()
+        if origin is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        return str(value) if hint is str else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}",
+                          f"set {ENV_PREFIX}{name.upper()} or `{name}` in the config file to a valid value") from None

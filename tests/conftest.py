@@ -1,0 +1,107 @@
+"""Shared fixtures: an isolated user directory per test, and the expensive real artifacts (the 16-bit base,
+a real LoRA adapter, a real build) made once and cached on disk under .cache/, keyed by their inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "tests"
+BANKLLM = [sys.executable, "-m", "appliance"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_dirs(tmp_path, monkeypatch):
+    """Each test gets its own XDG directories and BANKLLM_* environment (as simonw/llm does)."""
+    for name in list(os.environ):
+        if name.startswith("BANKLLM_"):
+            monkeypatch.delenv(name)
+    for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / "xdg" / var.lower()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("BANKLLM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """A data dir shared by the whole run (and later runs): the dequantized base lives here once."""
+    path = CACHE / "data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_dir(shared_data_dir) -> Path:
+    from appliance.pipeline.base import ensure_default_base
+
+    return ensure_default_base(shared_data_dir)
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def make_lora_adapter(base: Path, dest: Path, seed: int = 0, rank: int = 8, scale_b: float = 0.02,
+                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> Path:
+    """A real peft LoRA adapter on `base` with random non-zero B (so merging visibly changes the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, scale_b)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    cfg_path = tmp / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "SmolLM2-135M-Instruct"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(base_dir) -> Path:
+    """A real LoRA adapter (rank 8, all projections, non-zero B), cached by the base's identity."""
+    dest = CACHE / f"adapter-{_digest(base_dir.name, 'v1')}"
+    if not (dest / "adapter_model.safetensors").is_file():
+        make_lora_adapter(base_dir, dest)
+    return dest
+
+
+def run_cli(*args, env=None, netns: bool = False, timeout: float = 900, cwd=None) -> subprocess.CompletedProcess:
+    """Run `bankllm ARGS` in a child process; with netns=True inside a network namespace with no network."""
+    cmd = [*BANKLLM, *map(str, args)]
+    if netns:
+        cmd = ["unshare", "--net", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=timeout,
+                          cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def built(base_dir, lora_adapter, shared_data_dir, tmp_path_factory) -> Path:
+    """A real build (merge, convert, quantize, gate) of the test adapter, run with no network at all."""
+    out = CACHE / f"build-{_digest(base_dir.name, lora_adapter.name, 'v1')}"
+    env = os.environ.copy()
+    env.update(BANKLLM_DATA_DIR=str(shared_data_dir), BANKLLM_GATE_MAX_CHUNKS="2", BANKLLM_THREADS="2")
+    proc = run_cli("build", "--base", base_dir, "--adapter", lora_adapter, "--out", out, env=env, netns=True)
+    assert proc.returncode == 0, proc.stderr
+    return out
