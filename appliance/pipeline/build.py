@@ -61,6 +61,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         check_adapter_fits(lora, base_info)
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
+    _check_gate_text_length(text, base_dir, settings)
 
     inputs = {
         "base_sha256": sha256_tree(base_dir),
@@ -214,6 +215,19 @@ def _read_text(path: Path) -> str:
         raise InputError(f"gate text {path} does not exist", "pass --ppl-text FILE with banking text") from None
     except UnicodeDecodeError:
         raise InputError(f"gate text {path} is not UTF-8 text", "convert it to UTF-8") from None
+
+
+def _check_gate_text_length(text: str, base_dir: Path, settings: Settings) -> None:
+    """Fail before any heavy work if the gate text cannot fill two chunks (the gate checks again in GGUF tokens)."""
+    from tokenizers import Tokenizer
+
+    tok_file = base_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        return
+    n = len(Tokenizer.from_file(str(tok_file)).encode(text, add_special_tokens=False).ids)
+    if n < 2 * settings.gate_n_ctx:
+        raise InputError(f"the gate text has {n} tokens; it needs at least {2 * settings.gate_n_ctx} (2 x n_ctx)",
+                         "pass a longer --ppl-text or lower gate_n_ctx")
 
 
 def _versions() -> dict:
