@@ -65,8 +65,7 @@ class Settings:
     model: Path | None = field(default=None, metadata=_doc(
         "GGUF file or build directory to serve (a build directory's model.gguf)."))
     model_name: str = field(default="bankllm", metadata=_doc("Model id reported by /v1/models and accepted in requests."))
-    n_ctx: int = field(default=4096, metadata=_doc("Total KV-cache context shared by all sequences."))
-    n_seq_max: int = field(default=8, metadata=_doc("Most sequences decoded together (continuous batching slots)."))
+    n_seq_max: int = field(default=8, metadata=_doc("Most sequences decoded together (continuous batching slots); each has its own KV stream of seq_ctx tokens."))
     seq_ctx: int = field(default=2048, metadata=_doc("Most tokens (prompt + completion) of one sequence."))
     queue_max: int = field(default=64, metadata=_doc("Requests allowed to wait for a slot; more get 503."))
     max_tokens_cap: int = field(default=1024, metadata=_doc("Largest max_tokens a request may ask for."))
@@ -132,6 +131,15 @@ class Settings:
         if self.threads > 0:
             return self.threads
         return max(1, len(os.sched_getaffinity(0)))
+
+    def resolved_keys_file(self, env: typing.Mapping[str, str] | None = None) -> Path:
+        """The API key file: keys_file, else $CREDENTIALS_DIRECTORY/api-keys (systemd), else <config dir>/api-keys."""
+        if self.keys_file is not None:
+            return self.keys_file
+        env = os.environ if env is None else env
+        if env.get("CREDENTIALS_DIRECTORY"):
+            return Path(env["CREDENTIALS_DIRECTORY"]) / "api-keys"
+        return default_config_dir() / "api-keys"
 
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:

@@ -1,0 +1,36 @@
+"""`bankllm serve`: the OpenAI-compatible and banking API on one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..settings import Settings
+
+_PATH = click.Path(path_type=Path)
+
+
+@click.command("serve")
+@click.option("--model", type=_PATH, help="GGUF file or build directory (default: the `model` setting).")
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="TCP port (default 8080).")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: all cores).")
+@click.option("--keys-file", type=_PATH, help="API key hash file (default: $CREDENTIALS_DIRECTORY/api-keys).")
+@click.option("--config", type=_PATH, help="bankllm TOML settings file.")
+def serve(model, host, port, threads, keys_file, config):
+    """Serve the model: OpenAI-compatible /v1, banking /api/v1, /health, /ready, /metrics."""
+    import uvicorn
+
+    from ..service.app import create_app
+
+    settings = Settings.load(config=config, model=model, host=host, port=port, threads=threads, keys_file=keys_file)
+    app = create_app(settings)
+    click.echo(f"bankllm: serving {settings.model} as {settings.model_name!r} on http://{settings.host}:{settings.port}",
+               err=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning",
+                server_header=False, timeout_graceful_shutdown=10)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve)

@@ -1,0 +1,50 @@
+"""Prompts: the GGUF's own chat template rendered with jinja2 (llama-cpp-python's Jinja2ChatFormatter), and grammars."""
+
+from __future__ import annotations
+
+import json
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from .errors import APIError, GrammarError
+
+# Used only when a GGUF carries no tokenizer.chat_template (SmolLM2 and most instruct models do).
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# Must match the system prompt the classifier was trained with (appliance.training.data.CLASSIFY_SYSTEM_PROMPT).
+CLASSIFY_SYSTEM = "Classify the banking intent."
+
+
+class ChatTemplate:
+    def __init__(self, template: str | None, bos_token: str, eos_token: str):
+        self.source = template or CHATML
+        self._fmt = Jinja2ChatFormatter(self.source, eos_token=eos_token, bos_token=bos_token,
+                                        add_generation_prompt=True)
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self._fmt(messages=messages).prompt
+        except Exception as exc:  # the template's own raise_exception, or a jinja error
+            raise APIError(f"the model's chat template rejected these messages: {exc}", param="messages") from None
+
+
+def grammar_for_response_format(fmt) -> str | None:
+    """GBNF for an OpenAI response_format (None for plain text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return JSON_GBNF
+    schema = fmt.json_schema.schema if fmt.json_schema is not None else None
+    if not isinstance(schema, dict):
+        raise GrammarError("response_format json_schema needs a `schema` object", param="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises plain exceptions on unsupported schema features
+        raise GrammarError(f"the JSON schema could not be turned into a grammar ({exc}); simplify it",
+                           param="response_format") from None
+
+
+def classify_messages(text: str) -> list[dict]:
+    return [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": text}]

@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI-compatible (openai.py), banking (banking.py), operations (ops.py)."""

@@ -1,0 +1,98 @@
+"""Request bodies (msgspec structs: Litestar validates them and documents them in the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+Stop = str | Annotated[list[str], Meta(max_length=4)] | None
+
+
+class ContentPart(Struct, kw_only=True):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Struct, kw_only=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class JsonSchemaSpec(Struct, kw_only=True):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(Struct, kw_only=True):
+    model: str
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+
+class CompletionRequest(Struct, kw_only=True):
+    model: str
+    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class BankChatRequest(Struct, kw_only=True):
+    message: Annotated[str, Meta(min_length=1)]
+    conversation_id: str | None = None
+
+
+class ClassifyRequest(Struct, kw_only=True):
+    text: Annotated[str, Meta(min_length=1)] | None = None
+    texts: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=64)] | None = None
+
+
+def stops(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    return tuple(s for s in items if s)
+
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("msgspec", "Struct", "Meta")]
