@@ -1,0 +1,34 @@
+"""`bankllm eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..settings import Settings
+
+
+@click.command(name="eval")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="model.gguf, a build directory, or an HF checkpoint directory.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="text,category CSV to classify.")
+@click.option("--labels", type=click.Path(path_type=Path), help="Label set (JSON list); default: labels.json next to the model or adapter, else the CSV's categories.")
+@click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to apply to an HF checkpoint.")
+@click.option("--limit", type=int, help="Evaluate only the first N rows.")
+@click.option("--out", type=click.Path(path_type=Path), help="Also write the JSON result to this file.")
+@click.option("--config", type=click.Path(path_type=Path), help="bankllm TOML settings file.")
+def eval_(model, data, labels, adapter, limit, out, config):
+    """Classify a CSV with answers constrained to the label set; print accuracy, macro-F1, confusions, latency as JSON."""
+    from ..fsutil import write_json_atomic
+    from ..training.evaluate import evaluate
+
+    settings = Settings.load(config=config)
+    result = evaluate(model, data, labels_file=labels, adapter=adapter, limit=limit, threads=settings.resolved_threads())
+    if out:
+        write_json_atomic(out, result)
+    click.echo(json.dumps(result, indent=2))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(eval_)

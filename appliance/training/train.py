@@ -1,0 +1,474 @@
+"""LoRA fine-tuning on classification or chat data: unsloth (GPU QLoRA, or its CPU fallback) or peft, one loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, InputError
+from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic
+from .data import (CLASSIFY_SYSTEM_PROMPT, DataReport, Example, load_examples, load_labels, render_ids,
+                   require_chat_template, require_valid, stratified_split, validate)
+
+log = logging.getLogger("bankllm.train")
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("auto", "unsloth", "peft")
+REPORT_FILE = "train-report.json"
+LABELS_FILE = "labels.json"
+TASK_FILE = "bankllm-task.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run produces (its hash keys the resumable checkpoint)."""
+
+    data: Path
+    out: Path
+    base: Path
+    base_name: str = ""                     # written as the adapter's base_model_name_or_path
+    labels: Path | None = None
+    method: str = "auto"
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 2e-4
+    loraplus_ratio: float = 8.0             # B matrices learn this many times faster (LoRA+)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    max_seq_len: int = 128
+    val_fraction: float = 0.1
+    val_limit: int | None = None            # at most this many validation rows for the per-epoch accuracy
+    seed: int = 42
+    max_steps: int | None = None            # stop after this many optimizer steps (tests, smoke runs)
+    limit: int | None = None                # use only the first N rows of the data (tests)
+    checkpoint_every: int = 50
+    forgetting: bool = True                 # run the general-prompt check on base vs fine-tuned at the end
+    snapshot_every: int = 0                 # also write the adapter to `out` every N steps (0 = per epoch only)
+    threads: int = 0
+    bf16: bool = False                      # bf16 autocast (fp32 master weights); fast on CPUs with AVX512-BF16/AMX
+    system_prompt: str = CLASSIFY_SYSTEM_PROMPT
+    checkpoint_dir: Path | None = None
+    init_adapter: Path | None = None        # start from this adapter's weights instead of a fresh LoRA (peft path)
+
+    def key(self) -> str:
+        """Hash of the fields that must match for --resume to continue a checkpoint."""
+        skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting"}
+        d = {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def ckpt_dir(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.out).parent / f".{Path(self.out).name}.checkpoint"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    report: dict
+    interrupted: bool = False
+    losses: list[float] = field(default_factory=list)
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def select_method(method: str, installed: bool | None = None) -> str:
+    """auto -> unsloth wherever it is installed, else peft; an explicit unsloth needs it installed."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}", "use auto, unsloth or peft")
+    installed = unsloth_installed() if installed is None else installed
+    if method == "auto":
+        return "unsloth" if installed else "peft"
+    if method == "unsloth" and not installed:
+        raise ConfigError("--method unsloth was asked for but unsloth is not installed",
+                          "pip install 'bankllm[gpu]' (unsloth==2026.10.9), or use --method peft")
+    return method
+
+
+# --- data preparation -----------------------------------------------------------------------
+
+def prepare(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], DataReport, list[str] | None]:
+    """Load, validate (raising on errors) and split the data; return train, val, report and label set."""
+    examples, report = load_examples(cfg.data, cfg.system_prompt)
+    if cfg.limit:
+        examples = examples[:cfg.limit]
+    labels = load_labels(cfg.labels) if cfg.labels else None
+    kept = validate(examples, report, labels=labels, tokenizer=tokenizer, max_seq_len=cfg.max_seq_len)
+    require_valid(report)
+    if labels is None and report.format == "csv":
+        labels = sorted({e.label for e in kept})
+    train, val = stratified_split(kept, cfg.val_fraction, cfg.seed)
+    if not train:
+        raise InputError("no samples left to train on after the validation split", "give more data or lower --val-fraction")
+    return train, val, report, labels
+
+
+def tokenize(examples: list[Example], tokenizer) -> list[tuple[list[int], int]]:
+    return [render_ids(tokenizer, e.messages) for e in examples]
+
+
+def epoch_batches(n_items: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches: shuffle, sort within chunks of 50 batches, shuffle the batches (deterministic)."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(n_items)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: n_items[j])
+        batches.extend(part[k:k + batch_size] for k in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[tuple[list[int], int]], pad_id: int):
+    """Right-pad to the longest in the batch; loss only on the final assistant turn (-100 elsewhere)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(items):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, start:len(ids)] = torch.tensor(ids[start:])
+        mask[row, :len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def label_loss(model, input_ids, mask, labels):
+    """Cross-entropy on the target tokens only, projecting just those positions through the 49k-vocab head."""
+    import torch.nn.functional as F
+
+    inner = model.get_base_model()
+    hidden = inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    sel = target != -100
+    # Why not model(labels=...): it computes logits for every position, a fifth of the step on a CPU.
+    logits = inner.lm_head(hidden[:, :-1][sel]).float()
+    return F.cross_entropy(logits, target[sel])
+
+
+# --- model ----------------------------------------------------------------------------------
+
+def load_model(cfg: TrainConfig, method: str):
+    """Return (model with trainable LoRA, tokenizer, device) for the chosen method."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if method == "unsloth":
+        from unsloth import FastLanguageModel  # lazy: heavy, and only on this path
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(cfg.base), max_seq_length=cfg.max_seq_len, dtype=None, load_in_4bit=cuda)
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules), bias="none", random_state=cfg.seed,
+            use_gradient_checkpointing="unsloth" if cuda else False)
+        return model, tokenizer, ("cuda" if cuda else "cpu")
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    kwargs: dict = {}
+    if cuda:
+        from transformers import BitsAndBytesConfig  # QLoRA on a GPU: NF4 base, double quant, bf16 compute
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    # fp32 on a CPU: bf16 LoRA training loses precision in the small updates.
+    model = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32 if not cuda else torch.bfloat16, **kwargs)
+    if cuda:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.init_adapter:
+        from peft import PeftModel  # continue from an existing adapter (e.g. a second, mixed-data stage)
+        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True), tokenizer, ("cuda" if cuda else "cpu")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    return model, tokenizer, ("cuda" if cuda else "cpu")
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW with LoRA+ groups (B at lr * ratio) and linear warmup then linear decay."""
+    import torch
+
+    a_params, b_params = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b_params if "lora_B" in name else a_params).append(p)
+    opt = torch.optim.AdamW([{"params": a_params, "lr": cfg.lr},
+                             {"params": b_params, "lr": cfg.lr * cfg.loraplus_ratio}],
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    warmup = max(1, int(total_steps * cfg.warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, sched
+
+
+def save_adapter(model, tokenizer, dest: Path, cfg: TrainConfig, labels: list[str] | None, extra: dict | None = None) -> None:
+    """Write the PEFT adapter dir atomically, with base name, labels and the task's system prompt."""
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        cfg_path = tmp / "adapter_config.json"
+        adapter_cfg = json.loads(cfg_path.read_text())
+        adapter_cfg["base_model_name_or_path"] = cfg.base_name or Path(cfg.base).name
+        write_json_atomic(cfg_path, adapter_cfg)
+        if labels is not None:
+            write_json_atomic(tmp / LABELS_FILE, labels)
+        write_json_atomic(tmp / TASK_FILE, {"system_prompt": cfg.system_prompt, "labels": LABELS_FILE if labels else None})
+        (tmp / "README.md").write_text(model_card(cfg, labels))  # peft's boilerplate card says nothing true
+        for name, obj in (extra or {}).items():
+            if isinstance(obj, Path):
+                shutil.copy2(obj, tmp / name)
+            else:
+                write_json_atomic(tmp / name, obj)
+
+
+def model_card(cfg: TrainConfig, labels: list[str] | None) -> str:
+    """A short, true README for the adapter directory."""
+    task = f"intent classification over {len(labels)} labels (labels.json)" if labels else "chat fine-tuning"
+    return (f"# LoRA adapter for {cfg.base_name or Path(cfg.base).name}\n\n"
+            f"Task: {task}. System prompt: \"{cfg.system_prompt}\"; the user turn is the customer's text, the "
+            f"assistant turn the label.\n\nTrained by `bankllm train` (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, "
+            f"targets {', '.join(cfg.target_modules)}) on `{Path(cfg.data).name}`; data report, hyperparameters, "
+            f"loss curve and validation accuracy are in train-report.json. Build with "
+            f"`bankllm build --adapter <this directory>`; check with `bankllm eval`.\n")
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) -> TrainResult:
+    """Validate data, train, evaluate per epoch, write the adapter and train-report.json into cfg.out."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .evaluate import LabelDecoder, score
+
+    method = select_method(cfg.method)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    require_chat_template(tokenizer, cfg.base)
+    train_set, val_set, report, labels = prepare(cfg, tokenizer)
+    train_tok = tokenize(train_set, tokenizer)
+    steps_per_epoch = math.ceil(len(train_tok) / cfg.batch_size)
+    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    log.info("data: %d train, %d validation rows, %d steps (%d per epoch), method %s",
+             len(train_tok), len(val_set), total_steps, steps_per_epoch, method)
+
+    model, _, device = load_model(cfg, method)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    opt, sched = make_optimizer(model, cfg, total_steps)
+
+    ckpt = cfg.ckpt_dir()
+    state = {"step": 0, "losses": [], "val": [], "tokens": 0, "train_s": 0.0}
+    if resume:
+        state = _load_checkpoint(ckpt, cfg, model, opt, sched)
+        log.info("resumed from step %d", state["step"])
+    elif ckpt.exists():
+        shutil.rmtree(ckpt)
+
+    decoder = LabelDecoder(tokenizer, labels, cfg.system_prompt) if labels else None
+    val_eval = val_set[:cfg.val_limit] if cfg.val_limit else val_set
+    lengths = [len(ids) for ids, _ in train_tok]
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True)
+
+    model.train()
+    step = state["step"]
+    interrupted = False
+    try:
+        while step < total_steps:
+            epoch, idx = divmod(step, steps_per_epoch)
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+            batch = batches[idx]
+            input_ids, mask, lab = collate([train_tok[j] for j in batch], pad_id)
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss_t = label_loss(model, input_ids.to(device), mask.to(device), lab.to(device))
+            loss_t.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            step += 1
+            loss = float(loss_t.detach())
+            state["losses"].append(round(loss, 5))
+            state["tokens"] += int(mask.sum())
+            state["train_s"] += dt
+            tps = state["tokens"] / max(state["train_s"], 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
+                bar.update(1)
+            elif step % 10 == 0 or step == total_steps:
+                log.info("step %d/%d loss %.4f (avg10 %.4f) %.0f tok/s", step, total_steps, loss,
+                         sum(state["losses"][-10:]) / len(state["losses"][-10:]), tps)
+            state["step"] = step
+            epoch_done = step % steps_per_epoch == 0 or step == total_steps
+            if epoch_done:
+                acc = None
+                if decoder is not None and val_eval:
+                    model.eval()
+                    preds = decoder.predict(model, [e.text for e in val_eval], device=device)
+                    acc = score([e.label for e in val_eval], preds, labels)["accuracy"]
+                    model.train()
+                    log.info("epoch %.2f: validation accuracy %.4f on %d rows", step / steps_per_epoch, acc, len(val_eval))
+                state["val"].append({"epoch": round(step / steps_per_epoch, 3), "step": step,
+                                     "accuracy": acc, "rows": len(val_eval)})
+            if step % cfg.checkpoint_every == 0 or epoch_done:
+                _save_checkpoint(ckpt, cfg, model, opt, sched, state)
+            if epoch_done or (cfg.snapshot_every and step % cfg.snapshot_every == 0):
+                # The output always holds the latest finished epoch: a stopped run still ships something.
+                _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable,
+                              total_params, total_steps, steps_per_epoch, len(train_set), len(val_set))
+    except KeyboardInterrupt:
+        interrupted = True
+        _save_checkpoint(ckpt, cfg, model, opt, sched, state)
+        log.warning("interrupted: checkpoint at step %d saved in %s; rerun with --resume to continue", step, ckpt)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    report_path = Path(cfg.out) / REPORT_FILE
+    result_report = json.loads(report_path.read_text())
+    shutil.rmtree(ckpt, ignore_errors=True)
+    if cfg.forgetting:
+        from .forgetting import check_loaded, require_no_forgetting
+
+        result_report["forgetting"] = check_loaded(model, tokenizer)
+        write_json_atomic(report_path, result_report)
+        require_no_forgetting(result_report["forgetting"])
+    return TrainResult(out=Path(cfg.out), report=result_report, interrupted=interrupted, losses=state["losses"])
+
+
+def _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable, total_params,
+                  total_steps, steps_per_epoch, n_train, n_val) -> None:
+    import torch
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    hyper = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+             for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "base", "labels", "checkpoint_dir")}
+    inputs = {"data": {"path": str(cfg.data), "sha256": sha256_file(cfg.data)},
+              "base": {"path": str(cfg.base), "name": cfg.base_name or Path(cfg.base).name,
+                       "sha256_tree": sha256_tree(cfg.base)}}
+    if cfg.labels:
+        inputs["labels"] = {"path": str(cfg.labels), "sha256": sha256_file(cfg.labels)}
+    train_report = {
+        "format": 1,
+        "method": method,
+        "device": device,
+        "torch": torch.__version__,
+        "inputs": inputs,
+        "data_report": report.as_dict(),
+        "split": {"train": n_train, "validation": n_val, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                  "stratified_by": "label"},
+        "hyperparameters": hyper,
+        "trainable_parameters": trainable,
+        "total_parameters": total_params,
+        "steps": state["step"],
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs_done": round(state["step"] / steps_per_epoch, 3),
+        "train_tokens": state["tokens"],
+        "train_seconds": round(state["train_s"], 1),
+        "tokens_per_second": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+        "seconds_per_step": round(state["train_s"] / max(state["step"], 1), 3),
+        "peak_memory_mb": round(peak_mb, 1),
+        "loss_curve": state["losses"],
+        "validation": state["val"],
+    }
+    plot = _plot_losses(state["losses"], Path(cfg.ckpt_dir()) / "loss.png")
+    extra: dict = {REPORT_FILE: train_report}
+    if plot is not None:
+        extra["loss.png"] = plot
+    save_adapter(model, tokenizer, Path(cfg.out), cfg, labels, extra)
+
+
+def _plot_losses(losses: list[float], dest: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss.png")
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.5, label="loss")
+    k = 20
+    if len(losses) >= k:
+        smooth = [sum(losses[i - k:i]) / k for i in range(k, len(losses) + 1)]
+        ax.plot(range(k, len(losses) + 1), smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100)
+    plt.close(fig)
+    return dest
+
+
+def _save_checkpoint(ckpt: Path, cfg: TrainConfig, model, opt, sched, state: dict) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+
+    with atomic_dir(ckpt) as tmp:
+        torch.save({"key": cfg.key(), "state": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "lora": get_peft_model_state_dict(model), "torch_rng": torch.get_rng_state()},
+                   tmp / "trainer_state.pt")
+
+
+def _load_checkpoint(ckpt: Path, cfg: TrainConfig, model, opt, sched) -> dict:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    path = ckpt / "trainer_state.pt"
+    if not path.is_file():
+        raise InputError(f"--resume: no checkpoint in {ckpt}", "run without --resume to start from scratch")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob["key"] != cfg.key():
+        raise ConfigError(f"--resume: the checkpoint in {ckpt} was made with other data or hyperparameters",
+                          "rerun with the same options, or without --resume to start over")
+    set_peft_model_state_dict(model, blob["lora"])
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    return blob["state"]

