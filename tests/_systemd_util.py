@@ -94,7 +94,11 @@ for d in etc opt var; do
   mkdir -p /mnt/$d/upper /mnt/$d/work
   mount -t overlay overlay -o lowerdir=/$d,upperdir=/mnt/$d/upper,workdir=/mnt/$d/work /$d
 done
+# A checkout under /tmp (a CI clone, say) stays visible through the private /tmp.
+KEEP="@KEEP@"
+if [ -n "$KEEP" ]; then mkdir -p /mnt/keep && mount --bind "$KEEP" /mnt/keep; fi
 mount -t tmpfs tmpfs /tmp
+if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && mount --bind /mnt/keep "$KEEP"; fi
 mount -t tmpfs tmpfs /run
 # Credentials reach a service's namespace by mount propagation: /run must be shared (systemd#38103); after
 # the rprivate above, sharing stays inside these namespaces.
@@ -116,7 +120,8 @@ class BootedSystemd:
     def start(self, timeout: float = 90) -> "BootedSystemd":
         self.workdir.mkdir(parents=True, exist_ok=True)
         boot = self.workdir / "boot.sh"
-        boot.write_text(BOOT_SH)
+        keep = str(REPO) if str(REPO).startswith("/tmp/") else ""
+        boot.write_text(BOOT_SH.replace("@KEEP@", keep))
         log = open(self.workdir / "boot.log", "wb")
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts", "bash", str(boot)],

@@ -102,8 +102,15 @@ def test_audit_text_is_masked_when_enabled(tight):
     with tight.http() as c:
         r = c.post("/api/v1/chat", json={"message": text})
     assert r.status_code == 200, r.text
-    audit = tight.audit_log.read_text()
-    record = [json.loads(x) for x in audit.splitlines() if '"/api/v1/chat"' in x][-1]
+    # The audit line is written once the response has gone out: wait for it rather than race it.
+    deadline = time.monotonic() + 10
+    while True:
+        audit = tight.audit_log.read_text()
+        records = [json.loads(x) for x in audit.splitlines() if '"/api/v1/chat"' in x]
+        if records or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    record = records[-1]
     for raw in ("4111", "DE89370400440532013000", "ana.silva@example.com", "7946", "12345678"):
         assert raw not in audit
     for mark in ("[CARD]", "[IBAN]", "[EMAIL]", "[PHONE]", "[ACCOUNT]"):
