@@ -36,6 +36,51 @@ def _error_event(err: APIError) -> bytes:
     return _sse(err.body())
 
 
+async def _result(request: Request, svc, handle, prompt: str, n_prompt: int) -> Done | None:
+    """Wait for a non-streamed answer and record it; None when the client went away (its slot is freed)."""
+    try:
+        done = await wait_result(request, handle, svc.settings.request_timeout_s)
+    except ClientGone:
+        record_usage(request, svc, None, prompt, n_prompt)
+        return None
+    record_usage(request, svc, done, prompt)
+    return done
+
+
+def _stream(request: Request, svc, handle, base: dict, prompt: str, n_prompt: int, stream_options, opening,
+            choice) -> Stream:
+    """The SSE response both endpoints share: `choice(text, finish_reason)` shapes one choice (text None on the
+    final chunk); optional usage chunk; always `data: [DONE]`; a client that goes away frees its slot at once."""
+    include_usage = bool(stream_options and stream_options.include_usage)
+
+    async def sse():
+        done = None
+        try:
+            if opening is not None:
+                yield _sse({**base, "choices": [opening]})
+            deadline = time.monotonic() + svc.settings.request_timeout_s
+            async for event in events_until(handle, deadline):
+                if isinstance(event, Delta):
+                    yield _sse({**base, "choices": [choice(event.text, None)]})
+                else:
+                    done = event
+            if done.finish_reason == "error":
+                yield _error_event(APIError(done.error or "generation failed", status=500))
+            else:
+                yield _sse({**base, "choices": [choice(None, _finish(done))]})
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(done)})
+            yield b"data: [DONE]\n\n"
+        except EngineTimeoutError as err:
+            yield _error_event(err)
+            yield b"data: [DONE]\n\n"
+        finally:
+            handle.cancel()  # no-op when finished; frees the slot at once when the client went away
+            record_usage(request, svc, done, prompt, n_prompt)
+
+    return Stream(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def prepare(svc, model: str, max_tokens: int | None, n_prompt: int, param: str = "messages") -> int:
     """Check the model name and max_tokens; return the max_tokens to use."""
     if model != svc.settings.model_name:
@@ -65,47 +110,18 @@ async def chat_completions(request: Request, data: ChatCompletionRequest, state:
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     base = {"id": rid, "created": created, "model": svc.settings.model_name, "system_fingerprint": None}
     if not data.stream:
-        try:
-            done = await wait_result(request, handle, svc.settings.request_timeout_s)
-        except ClientGone:
-            record_usage(request, svc, None, prompt, len(tokens))
+        done = await _result(request, svc, handle, prompt, len(tokens))
+        if done is None:
             return Response(b"", status_code=499)
-        record_usage(request, svc, done, prompt)
         return Response({**base, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": done.text}, "logprobs": None,
             "finish_reason": _finish(done)}], "usage": _usage(done)})
 
-    include_usage = bool(data.stream_options and data.stream_options.include_usage)
     chunk = {**base, "object": "chat.completion.chunk"}
-
-    async def sse():
-        done = None
-        try:
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
-            deadline = time.monotonic() + svc.settings.request_timeout_s
-            async for event in events_until(handle, deadline):
-                if isinstance(event, Delta):
-                    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.text},
-                                                      "logprobs": None, "finish_reason": None}]})
-                else:
-                    done = event
-            if done.finish_reason == "error":
-                yield _error_event(APIError(done.error or "generation failed", status=500))
-            else:
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                  "finish_reason": _finish(done)}]})
-                if include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(done)})
-            yield b"data: [DONE]\n\n"
-        except EngineTimeoutError as err:
-            yield _error_event(err)
-            yield b"data: [DONE]\n\n"
-        finally:
-            handle.cancel()  # no-op when finished; frees the slot at once when the client went away
-            record_usage(request, svc, done, prompt, len(tokens))
-
-    return Stream(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _stream(request, svc, handle, chunk, prompt, len(tokens), data.stream_options, opening,
+                   lambda text, finish: {"index": 0, "delta": {} if text is None else {"content": text},
+                                         "logprobs": None, "finish_reason": finish})
 
 
 @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
@@ -121,43 +137,14 @@ async def completions(request: Request, data: CompletionRequest, state: State) -
     base = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()),
             "model": svc.settings.model_name, "system_fingerprint": None}
     if not data.stream:
-        try:
-            done = await wait_result(request, handle, svc.settings.request_timeout_s)
-        except ClientGone:
-            record_usage(request, svc, None, prompt, len(tokens))
+        done = await _result(request, svc, handle, prompt, len(tokens))
+        if done is None:
             return Response(b"", status_code=499)
-        record_usage(request, svc, done, prompt)
         return Response({**base, "choices": [{"index": 0, "text": done.text, "logprobs": None,
                                               "finish_reason": _finish(done)}], "usage": _usage(done)})
 
-    include_usage = bool(data.stream_options and data.stream_options.include_usage)
-
-    async def sse():
-        done = None
-        try:
-            deadline = time.monotonic() + svc.settings.request_timeout_s
-            async for event in events_until(handle, deadline):
-                if isinstance(event, Delta):
-                    yield _sse({**base, "choices": [{"index": 0, "text": event.text, "logprobs": None,
-                                                     "finish_reason": None}]})
-                else:
-                    done = event
-            if done.finish_reason == "error":
-                yield _error_event(APIError(done.error or "generation failed", status=500))
-            else:
-                yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                 "finish_reason": _finish(done)}]})
-                if include_usage:
-                    yield _sse({**base, "choices": [], "usage": _usage(done)})
-            yield b"data: [DONE]\n\n"
-        except EngineTimeoutError as err:
-            yield _error_event(err)
-            yield b"data: [DONE]\n\n"
-        finally:
-            handle.cancel()
-            record_usage(request, svc, done, prompt, len(tokens))
-
-    return Stream(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _stream(request, svc, handle, base, prompt, len(tokens), data.stream_options, None,
+                   lambda text, finish: {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish})
 
 
 @get("/v1/models", summary="List the served model")
