@@ -86,11 +86,12 @@ def build_dir(dest: Path, build_id: str) -> Path:
 
 BOOT_SH = """#!/bin/bash
 # PID 1 of fresh namespaces: private /tmp and /run (systemd-tmpfiles empties /tmp at boot), and
-# copy-on-write /etc, /opt and /var so the install under test never writes to the machine's own.
+# copy-on-write /etc, /opt, /var and /root (a --user install writes under root's home) so the install under
+# test never writes to the machine's own.
 set -e
 mount --make-rprivate /
 mount -t tmpfs tmpfs /mnt
-for d in etc opt var; do
+for d in etc opt var root; do
   mkdir -p /mnt/$d/upper /mnt/$d/work
   mount -t overlay overlay -o lowerdir=/$d,upperdir=/mnt/$d/upper,workdir=/mnt/$d/work /$d
 done

@@ -162,3 +162,36 @@ def test_install_bundle_under_real_systemd(inputs):
         raise
     finally:
         sysd.kill()
+
+
+def test_user_install_under_a_real_user_manager(inputs):
+    """`bankllm install --user` against a live user manager (user@0.service in the booted systemd): the user unit
+    starts, answers /ready and a chat completion, and `bankllm status --user` sees it; uninstall stops it."""
+    sysd = BootedSystemd(inputs["root"] / "ns-user")
+    env = clean_env(BANKLLM_DATA_DIR=inputs["root"] / "data-user", BANKLLM_INSTALL_READY_TIMEOUT_S=120,
+                    XDG_RUNTIME_DIR="/run/user/0", DBUS_SESSION_BUS_ADDRESS="unix:path=/run/user/0/bus")
+    try:
+        sysd.start()
+        sysd.run(["systemctl", "start", "user@0.service"], timeout=60)
+        proc = sysd.run([BANKLLM, "install", "--user", "--build", str(inputs["a"]), "--wheelhouse",
+                         str(inputs["wheels"])], timeout=900, check=False, env=env)
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n" + sysd.run(
+            ["journalctl", "--user-unit", "bankllm", "-n", "40", "--no-pager"], check=False, env=env).stdout
+        assert "running under systemd" in proc.stdout, proc.stdout
+        unit = sysd.path("/root/.config/systemd/user/bankllm.service").read_text()
+        assert "DynamicUser" not in unit and "WantedBy=default.target" in unit
+        key = sysd.path("/root/.config/bankllm/credentials/first-api-key").read_text().strip()
+        chat = sysd.run([sys.executable, "-c", CHAT, key], net_only=True, timeout=180).stdout.splitlines()
+        assert chat[0].strip() and chat[-1] == "AUTH-REQUIRED", chat
+        status = json.loads(sysd.run([BANKLLM, "status", "--user", "--json"], timeout=60, env=env).stdout)
+        assert status["unit"]["is-active"] == "active" and status["ready"] == 200, status
+        assert status["model"]["build_id"] == "smollm2-a"
+        sysd.run([BANKLLM, "uninstall", "--user"], timeout=120, env=env)
+        state = sysd.run(["systemctl", "--user", "is-active", "bankllm"], check=False, env=env).stdout.strip()
+        assert state in ("inactive", "unknown"), state
+        assert not sysd.path("/root/.config/systemd/user/bankllm.service").exists()
+    except BaseException:
+        print(sysd.run(["journalctl", "-n", "60", "--no-pager"], check=False).stdout if sysd.pid else "(no systemd)")
+        raise
+    finally:
+        sysd.kill()
