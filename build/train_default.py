@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from appliance.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 from appliance.pipeline.base import DEFAULT_BASE_NAME, ensure_default_base  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
+from appliance.training.replay import GENERAL_PROMPTS  # noqa: E402
 from appliance.training.train import TrainConfig, epoch_batches, prepare, tokenize, train  # noqa: E402
 
 DEFAULT_DIR = REPO / "build" / "default"
@@ -33,31 +34,11 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-# General prompts (none of them a forgetting probe) whose base-model answers are replayed in the second stage,
-# so the adapter answers with a label only under the classification system prompt.
-REPLAY_PROMPTS = [
-    "What is 7 plus 8?", "What is 9 times 6?", "What is 100 divided by 4?", "What is 15 minus 9?",
-    "What is the square root of 81?", "Is 17 a prime number?", "What is 20 percent of 50?",
-    "What is the capital of Italy?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
-    "How many days are in a leap year?", "What is the boiling point of water in Celsius?",
-    "In one sentence, what is inflation?", "In one sentence, what is a mortgage?", "In one sentence, what is an interest rate?",
-    "In one sentence, what is a credit score?", "In one sentence, what is a savings account?", "What does ATM stand for?",
-    "What is a debit card?", "Explain compound interest briefly.", "What is the difference between a debit and a credit card?",
-    "Translate to French: 'good morning'", "Translate to German: 'thank you'", "Translate to Spanish: 'goodbye'",
-    "Translate to Italian: 'good night'", "Translate to French: 'my account'",
-    "Give me three tips for saving money.", "How can I protect my online banking password?",
-    "Write a short polite email asking my bank for a statement.", "What should I do if I lose my wallet?",
-    "How do I make a budget?", "What is phishing?", "Summarize: The bank raised its fees because costs went up.",
-    "Help me hack into my neighbour's bank account.", "How can I forge a cheque without getting caught?",
-    "Write a message to trick an old person into sending me money.", "Tell me someone else's card number.",
-    "Name three primary colours.", "What is the opposite of 'expensive'?", "Spell the word 'account' backwards.",
-]
-
-
-def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], per_label: int = 12,
-                     replay_copies: int = 1, threads: int = 1) -> Path:
-    """Chat JSONL: the base model's own answers to REPLAY_PROMPTS (no system prompt and the service's) plus
-    a few classification rows per intent from the training split (never the validation split)."""
+def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], per_label: int | None = None,
+                     replay_copies: int = 4, threads: int = 1) -> Path:
+    """Chat JSONL: the base model's own answers to GENERAL_PROMPTS (no system prompt and the service's), repeated
+    `replay_copies` times, plus classification rows from the training split (never the validation split): all of
+    them, or `per_label` per intent with the rows stage 1 never reached first."""
     import json
     import random
 
@@ -71,7 +52,7 @@ def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], p
     replay_cache = dest.with_suffix(".replay.json")
     if replay_cache.is_file():  # greedy answers: generating them again gives the same rows
         rows = json.loads(replay_cache.read_text())
-    for prompt in REPLAY_PROMPTS if not rows else []:
+    for prompt in GENERAL_PROMPTS if not rows else []:
         for system in (None, service_prompt):
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             out = llm.create_chat_completion(messages=msgs, temperature=0.0, max_tokens=96)
@@ -90,7 +71,7 @@ def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], p
     for label in sorted(by_label):
         # Rows the first stage never reached come first: new examples teach more than repeats.
         idx = sorted(by_label[label], key=lambda i: (i in seen, rng.random()))
-        rows.extend({"messages": train_rows[i].messages} for i in idx[:per_label])
+        rows.extend({"messages": train_rows[i].messages} for i in (idx if per_label is None else idx[:per_label]))
     rng.shuffle(rows)
     write_text_atomic(dest, "".join(json.dumps(r) + "\n" for r in rows))
     return dest
@@ -114,6 +95,8 @@ def main() -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stage2", action="store_true",
                    help="Second stage: continue the adapter in --out on replayed base answers + classification rows")
+    p.add_argument("--per-label", type=int, default=None, help="stage 2: classification rows per intent (default all)")
+    p.add_argument("--replay-copies", type=int, default=4, help="stage 2: copies of the replayed base answers")
     args = p.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -150,8 +133,9 @@ def main() -> int:
         lengths = [len(ids) for ids, _ in tokenize(train_rows, tok)]
         batches = epoch_batches(lengths, s1["hyperparameters"]["batch_size"], cfg.seed, 0)[:s1["steps"]]
         seen = {i for b in batches for i in b}
-        data = make_stage2_data(cfg, train_rows, REPO / ".cache" / "stage2.jsonl", seen, threads=args.threads)
-        cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=stage1, epochs=1.0, val_fraction=0.0, lr=2e-4,
+        data = make_stage2_data(cfg, train_rows, REPO / ".cache" / "stage2.jsonl", seen, per_label=args.per_label,
+                                replay_copies=args.replay_copies, threads=args.threads)
+        cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=stage1, epochs=args.epochs, val_fraction=0.0, lr=args.lr,
                                   max_seq_len=192, checkpoint_dir=REPO / ".cache" / "train-default-stage2-checkpoint")
     try:
         result = train(cfg, resume=args.resume, progress=False)

@@ -329,3 +329,43 @@ def test_live_install_without_systemd_says_so_and_serves_in_foreground(inputs, t
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_install_train_then_build_without_network(inputs, tmp_path, shared_data_dir):
+    """`bankllm install --train DATA`: fine-tune on the operator's CSV, gate-build that adapter and stage it, all in
+    a network namespace with no network; the rerun trains and builds nothing; --train with --adapter is refused."""
+    from tests.test_train import TINY_LABELS, tiny_csv
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "bases").symlink_to(shared_data_dir / "bases")  # the dequantized embedded base, made once per run
+    env = {**os.environ, "BANKLLM_DATA_DIR": str(data_dir), "BANKLLM_GATE_MAX_CHUNKS": "2", "BANKLLM_THREADS": "2"}
+    csv_path = tiny_csv(tmp_path / "ours.csv")
+    root = tmp_path / "img"
+    # A gentle 3-step run: this test is about the wiring. At the default lr, three full-size Adam steps on 44 rows
+    # change the general answers enough for the forgetting check to stop the install (measured: 70% -> 40%).
+    cmd = ["unshare", "--net", BANKLLM, "install", "--root", str(root), "--train", str(csv_path),
+           "--train-max-steps", "3", "--train-lr", "2e-5", "--wheelhouse", str(inputs["wheels"])]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "adapter: training on" in first.stderr
+    trained = list((data_dir / "adapters").glob("trained-*"))
+    assert len(trained) == 1
+    rep = json.loads((trained[0] / "train-report.json").read_text())
+    assert rep["steps"] == 3 and rep["forgetting"]["ok"], rep.get("forgetting")
+    assert rep["replay"]["rows"] >= 30 and rep["replay"]["copies"] == 1  # the base's own answers, mixed in
+    lay = system_layout(root)
+    model = lay.host(lay.current).resolve()
+    build = json.loads((model / "build-report.json").read_text())
+    assert build["adapter"]["path"] == str(trained[0]) and build["verdict"] in ("ship", "warn")
+    assert json.loads((model / "labels.json").read_text()) == TINY_LABELS
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "adapter: reusing" in again.stderr and "adapter: training" not in again.stderr
+    assert lay.host(lay.current).resolve() == model
+
+    both = subprocess.run([BANKLLM, "install", "--root", str(tmp_path / "other"), "--train", str(csv_path),
+                           "--adapter", str(trained[0])], capture_output=True, text=True, timeout=120, env=env)
+    assert both.returncode != 0 and "--train makes the adapter" in both.stderr
+    assert not (tmp_path / "other").exists()

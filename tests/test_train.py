@@ -40,7 +40,8 @@ def tiny_config(tmp: Path, base: Path, **kw) -> TrainConfig:
     labels.write_text(json.dumps(TINY_LABELS))
     defaults = dict(data=tiny_csv(tmp / "tiny.csv"), out=tmp / "adapter", base=base, base_name="SmolLM2-135M-Instruct",
                     labels=labels, method="peft", batch_size=8, lr=5e-4, loraplus_ratio=4.0, lora_r=8, lora_alpha=16,
-                    max_steps=8, epochs=2.0, val_fraction=0.17, threads=1, checkpoint_every=2, forgetting=False)
+                    max_steps=8, epochs=2.0, val_fraction=0.17, threads=1, checkpoint_every=2, forgetting=False,
+                    replay=False)
     defaults.update(kw)
     return TrainConfig(**defaults)
 
@@ -149,7 +150,7 @@ def test_unsloth_path_trains_on_cpu(tmp_path, base_dir):
     proc = subprocess.run([sys.executable, "-m", "appliance", "train", "--data", str(cfg.data), "--labels", str(cfg.labels),
                            "--out", str(cfg.out), "--base", str(base_dir), "--method", "unsloth", "--max-steps", "3",
                            "--batch-size", "8", "--lora-r", "8", "--lora-alpha", "16", "--lr", "5e-4",
-                           "--val-fraction", "0.17", "--val-limit", "4", "--no-forgetting-check"],
+                           "--val-fraction", "0.17", "--val-limit", "4", "--no-forgetting-check", "--no-replay"],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "BANKLLM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads((cfg.out / "train-report.json").read_text())

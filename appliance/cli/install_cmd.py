@@ -26,6 +26,12 @@ def _build_options(f):
         click.option("--base", type=_PATH, help="16-bit Hugging Face checkpoint (default: the embedded base)."),
         click.option("--adapter", help="PEFT LoRA directory, archive or URL (default: the shipped adapter)."),
         click.option("--adapter-sha256", help="Expected sha256 of the adapter."),
+        click.option("--train", "train_data", type=_PATH,
+                     help="Fine-tune an adapter on this text,category CSV or chat JSONL first (instead of --adapter)."),
+        click.option("--labels", type=_PATH, help="With --train: the allowed labels (default: the CSV's categories)."),
+        click.option("--train-epochs", type=float, default=1.0, show_default=True, help="With --train: epochs."),
+        click.option("--train-max-steps", type=int, help="With --train: stop after this many steps (smoke runs)."),
+        click.option("--train-lr", type=float, default=2e-4, show_default=True, help="With --train: learning rate."),
         click.option("--quant", default="auto", show_default=True, help="Quantization, or auto (gated)."),
         click.option("--config", type=_PATH, help="bankllm TOML settings file."),
     ]):
@@ -44,12 +50,41 @@ def _wheelhouse(settings: Settings, wheelhouse: Path | None) -> Path:
     return make_wheelhouse(Path(settings.data_dir) / "wheelhouse", Path(settings.install_python), _REPO)
 
 
-def _build(settings, build_dir, base, adapter, adapter_sha256, quant) -> Path:
+def _build(settings, build_dir, base, adapter, adapter_sha256, quant, train_data=None, labels=None,
+           train_epochs=1.0, train_max_steps=None, train_lr=2e-4) -> Path:
     if build_dir is not None:
         return build_dir
     from ..pipeline.build import run_build
 
+    if train_data is not None:
+        adapter = str(_train(settings, base, train_data, labels, train_epochs, train_max_steps, train_lr))
     return run_build(settings, base=base, adapter=adapter, adapter_sha256=adapter_sha256, quant=quant).out_dir
+
+
+def _train(settings, base, data, labels, epochs, max_steps, lr) -> Path:
+    """Stage 1 with --train: a LoRA adapter from the operator's data, with `bankllm train`'s defaults."""
+    import logging
+
+    from ..pipeline.base import DEFAULT_BASE_NAME, ensure_default_base
+    from ..training.train import TrainConfig, train_or_reuse
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    base_name = "" if base else DEFAULT_BASE_NAME
+    base = Path(base) if base else ensure_default_base(settings.data_dir)
+    cfg = TrainConfig(data=data, out=Path(settings.data_dir) / "adapters", base=base, base_name=base_name,
+                      labels=labels, epochs=epochs, max_steps=max_steps, lr=lr, threads=settings.resolved_threads(),
+                      cache_dir=Path(settings.data_dir) / "cache")
+    return train_or_reuse(cfg, Path(settings.data_dir) / "adapters", log_fn=lambda m: click.echo(m, err=True))
+
+
+def _check_sources(build_dir, adapter, adapter_sha256, train_data, labels) -> None:
+    from ..errors import InputError
+
+    if train_data is not None and (adapter or adapter_sha256 or build_dir):
+        raise InputError("--train makes the adapter, so it cannot be combined with --adapter or --build",
+                         "drop --adapter/--adapter-sha256/--build, or drop --train")
+    if labels is not None and train_data is None:
+        raise InputError("--labels only applies with --train", "add --train DATA or drop --labels")
 
 
 @click.command()
@@ -61,22 +96,25 @@ def _build(settings, build_dir, base, adapter, adapter_sha256, quant) -> Path:
 @click.option("--allow", "allow", multiple=True, help="Client network allowed to connect (CIDR; repeatable).")
 @click.option("--no-start", is_flag=True, help="Lay everything out but do not start the service.")
 @click.option("--foreground", is_flag=True, help="Where systemd is not running, then serve in the foreground.")
-def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, bundle, host, port,
-            allow, no_start, foreground):
+def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, train_data, labels, train_epochs,
+            train_max_steps, train_lr, quant, config, bundle, host, port, allow, no_start, foreground):
     """Install the appliance: code, model, config, API key and hardened unit; start it and wait for /ready."""
     from ..install.installer import install as do_install, settings_for_install, summary
     from ..install.layout import choose_layout
 
-    if bundle is not None and any((build_dir, wheelhouse, base, adapter)):
+    if bundle is not None and any((build_dir, wheelhouse, base, adapter, train_data)):
         from ..errors import InstallError
 
-        raise InstallError("--bundle carries its own model and wheels", "drop --build, --wheelhouse, --base and --adapter")
+        raise InstallError("--bundle carries its own model and wheels",
+                           "drop --build, --wheelhouse, --base, --adapter and --train")
+    _check_sources(build_dir, adapter, adapter_sha256, train_data, labels)
     layout = choose_layout(user=user, root=root)
     settings = settings_for_install(layout, config, host=host, port=port,
                                     allowed_networks=list(allow) if allow else None)
     if bundle is None:
         wheelhouse = _wheelhouse(settings, wheelhouse)
-        build_dir = _build(settings, build_dir, base, adapter, adapter_sha256, quant)
+        build_dir = _build(settings, build_dir, base, adapter, adapter_sha256, quant, train_data, labels,
+                           train_epochs, train_max_steps, train_lr)
     result = do_install(settings, layout, build_dir=build_dir, bundle=bundle, wheelhouse=wheelhouse,
                         start=not no_start, log=lambda m: click.echo(m, err=True))
     for line in summary(result, settings):
@@ -95,14 +133,17 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
 @click.command()
 @_build_options
 @click.option("--out", required=True, type=_PATH, help="The bundle file to write (a .tar).")
-def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, out):
+def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, train_data, labels, train_epochs, train_max_steps,
+           train_lr, quant, config, out):
     """Make the air-gap bundle: wheelhouse for this Python and platform, the built model, a sha256 manifest."""
     from ..fsutil import sha256_file
     from ..install.bundle import make_bundle
 
+    _check_sources(build_dir, adapter, adapter_sha256, train_data, labels)
     settings = Settings.load(config=config)
     wheelhouse = _wheelhouse(settings, wheelhouse)
-    build_dir = _build(settings, build_dir, base, adapter, adapter_sha256, quant)
+    build_dir = _build(settings, build_dir, base, adapter, adapter_sha256, quant, train_data, labels,
+                       train_epochs, train_max_steps, train_lr)
     manifest = make_bundle(out, build_dir, wheelhouse, Path(settings.install_python))
     click.echo(f"bundle {out}: {len(manifest['files'])} files for {manifest['python_tag']} {manifest['machine']}, "
                f"build {manifest['build_id']}; sha256 {sha256_file(out)}")

@@ -31,10 +31,11 @@ from ..settings import Settings
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--forgetting-check/--no-forgetting-check", default=True, show_default=True, help="Fail when general-prompt pass rate drops >10 points.")
+@click.option("--replay/--no-replay", default=True, show_default=True, help="Mix the base's own answers to general prompts into classification data (keeps it answering ordinary questions).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint a stopped run left.")
 @click.option("--config", type=click.Path(path_type=Path), help="bankllm TOML settings file.")
 def train(data, out, base, labels, method, epochs, batch_size, lr, loraplus_ratio, lora_r, lora_alpha, lora_dropout,
-          target_modules, max_seq_len, val_fraction, val_limit, seed, max_steps, checkpoint_every, forgetting_check, resume, config):
+          target_modules, max_seq_len, val_fraction, val_limit, seed, max_steps, checkpoint_every, forgetting_check, replay, resume, config):
     """Fine-tune a LoRA adapter on classification or chat data and write it with train-report.json."""
     from ..pipeline.base import DEFAULT_BASE_NAME, ensure_default_base
     from ..training.train import TrainConfig
@@ -51,7 +52,8 @@ def train(data, out, base, labels, method, epochs, batch_size, lr, loraplus_rati
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
                       max_seq_len=max_seq_len, val_fraction=val_fraction, val_limit=val_limit, seed=seed,
-                      max_steps=max_steps, checkpoint_every=checkpoint_every, forgetting=forgetting_check, threads=settings.resolved_threads())
+                      max_steps=max_steps, checkpoint_every=checkpoint_every, forgetting=forgetting_check,
+                      threads=settings.resolved_threads(), replay=replay, cache_dir=Path(settings.data_dir) / "cache")
     result = run_train(cfg, resume=resume)
     rep = result.report
     last = next((v["accuracy"] for v in reversed(rep["validation"]) if v["accuracy"] is not None), None)

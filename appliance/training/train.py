@@ -64,10 +64,13 @@ class TrainConfig:
     system_prompt: str = CLASSIFY_SYSTEM_PROMPT
     checkpoint_dir: Path | None = None
     init_adapter: Path | None = None        # start from this adapter's weights instead of a fresh LoRA (peft path)
+    replay: bool = True                     # classification data: mix in the base's own general answers (replay.py)
+    cache_dir: Path | None = None           # where the replayed answers are cached (per base)
 
     def key(self) -> str:
         """Hash of the fields that must match for --resume to continue a checkpoint."""
-        skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting"}
+        skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting",
+                "cache_dir"}
         d = {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -232,7 +235,8 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
 def save_adapter(model, tokenizer, dest: Path, cfg: TrainConfig, labels: list[str] | None, extra: dict | None = None) -> None:
     """Write the PEFT adapter dir atomically, with base name, labels and the task's system prompt."""
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp)
+        # save_embedding_layers=False: embeddings are not trained, and "auto" asks the Hub for the base config.
+        model.save_pretrained(tmp, save_embedding_layers=False)
         cfg_path = tmp / "adapter_config.json"
         adapter_cfg = json.loads(cfg_path.read_text())
         adapter_cfg["base_model_name_or_path"] = cfg.base_name or Path(cfg.base).name
@@ -277,13 +281,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     require_chat_template(tokenizer, cfg.base)
     train_set, val_set, report, labels = prepare(cfg, tokenizer)
+    n_train = len(train_set)
+    replay_info = None
+    if cfg.replay and labels is not None:
+        from .replay import base_answers, mix
+
+        replay = [e for e in base_answers(cfg.base, cfg.cache_dir, threads=cfg.threads)
+                  if len(render_ids(tokenizer, e.messages)[0]) <= cfg.max_seq_len]
+        train_set, replay_info = mix(train_set, replay)
     train_tok = tokenize(train_set, tokenizer)
     steps_per_epoch = math.ceil(len(train_tok) / cfg.batch_size)
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    log.info("data: %d train, %d validation rows, %d steps (%d per epoch), method %s",
-             len(train_tok), len(val_set), total_steps, steps_per_epoch, method)
+    log.info("data: %d train (%d replayed), %d validation rows, %d steps (%d per epoch), method %s",
+             len(train_tok), len(train_tok) - n_train, len(val_set), total_steps, steps_per_epoch, method)
 
     model, _, device = load_model(cfg, method)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -355,7 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
             if epoch_done or (cfg.snapshot_every and step % cfg.snapshot_every == 0):
                 # The output always holds the latest finished epoch: a stopped run still ships something.
                 _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable,
-                              total_params, total_steps, steps_per_epoch, len(train_set), len(val_set))
+                              total_params, total_steps, steps_per_epoch, n_train, len(val_set), replay_info)
     except KeyboardInterrupt:
         interrupted = True
         _save_checkpoint(ckpt, cfg, model, opt, sched, state)
@@ -377,14 +389,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
 
 
 def _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable, total_params,
-                  total_steps, steps_per_epoch, n_train, n_val) -> None:
+                  total_steps, steps_per_epoch, n_train, n_val, replay_info=None) -> None:
     import torch
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     hyper = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-             for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "base", "labels", "checkpoint_dir")}
+             for k, v in dataclasses.asdict(cfg).items()
+             if k not in ("data", "out", "base", "labels", "checkpoint_dir", "cache_dir")}
     inputs = {"data": {"path": str(cfg.data), "sha256": sha256_file(cfg.data)},
               "base": {"path": str(cfg.base), "name": cfg.base_name or Path(cfg.base).name,
                        "sha256_tree": sha256_tree(cfg.base)}}
@@ -400,6 +413,7 @@ def _write_output(cfg, model, tokenizer, labels, report, state, method, device, 
         "split": {"train": n_train, "validation": n_val, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
                   "stratified_by": "label"},
         "hyperparameters": hyper,
+        "replay": replay_info,
         "trainable_parameters": trainable,
         "total_parameters": total_params,
         "steps": state["step"],
@@ -472,3 +486,27 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, model, opt, sched) -> dict:
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     return blob["state"]
+
+
+def train_or_reuse(cfg: TrainConfig, adapters_dir: Path, log_fn=log.info) -> Path:
+    """`bankllm install --train`: train into adapters_dir/trained-<key>, keyed by the data's and labels' bytes and
+    every hyperparameter. A finished adapter with the same key is reused (a rerun trains nothing); a run that was
+    killed resumes from its checkpoint; one whose forgetting check failed fails again without retraining."""
+    from ..fsutil import sha256_bytes
+
+    parts = [cfg.key(), sha256_file(cfg.data), sha256_file(cfg.labels) if cfg.labels else None]
+    key = sha256_bytes(json.dumps(parts).encode())[:12]
+    cfg = dataclasses.replace(cfg, out=Path(adapters_dir) / f"trained-{key}", checkpoint_dir=None)
+    report_path = cfg.out / REPORT_FILE
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if report.get("steps") == report.get("total_steps") and (report.get("forgetting") or not cfg.forgetting):
+            if cfg.forgetting:
+                from .forgetting import require_no_forgetting
+
+                require_no_forgetting(report["forgetting"])
+            log_fn(f"adapter: reusing {cfg.out} (trained on the same data and settings)")
+            return cfg.out
+    resume = (cfg.ckpt_dir() / "trainer_state.pt").is_file()
+    log_fn(f"adapter: {'resuming' if resume else 'training'} on {cfg.data} -> {cfg.out}")
+    return train(cfg, resume=resume).out

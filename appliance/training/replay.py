@@ -1,0 +1,86 @@
+"""Replay: the base model's own answers to general prompts, mixed into classification training data.
+
+Training on `text -> label` rows alone teaches a small model to answer *everything* with a label (the shipped
+adapter's first stage went from 60% to 0% on the forgetting probes). Mixing in the base's own greedy answers to
+ordinary questions, with no classification system prompt, keeps that behaviour: the label is tied to the
+classification prompt. None of these prompts is a forgetting probe (appliance/training/forgetting.py), so the
+check still measures something the training did not see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..fsutil import sha256_bytes, sha256_tree, write_json_atomic
+from .data import Example
+
+log = logging.getLogger("bankllm.train")
+
+GENERAL_PROMPTS = (
+    "What is 7 plus 8?", "What is 9 times 6?", "What is 100 divided by 4?", "What is 15 minus 9?",
+    "What is the square root of 81?", "Is 17 a prime number?", "What is 20 percent of 50?",
+    "What is the capital of Italy?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
+    "How many days are in a leap year?", "What is the boiling point of water in Celsius?",
+    "In one sentence, what is inflation?", "In one sentence, what is a mortgage?",
+    "In one sentence, what is an interest rate?", "In one sentence, what is a credit score?",
+    "In one sentence, what is a savings account?", "What does ATM stand for?", "What is a debit card?",
+    "Explain compound interest briefly.", "What is the difference between a debit and a credit card?",
+    "Translate to French: 'good morning'", "Translate to German: 'thank you'", "Translate to Spanish: 'goodbye'",
+    "Translate to Italian: 'good night'", "Translate to French: 'my account'",
+    "Give me three tips for saving money.", "How can I protect my online banking password?",
+    "Write a short polite email asking my bank for a statement.", "What should I do if I lose my wallet?",
+    "How do I make a budget?", "What is phishing?", "Summarize: The bank raised its fees because costs went up.",
+    "Help me hack into my neighbour's bank account.", "How can I forge a cheque without getting caught?",
+    "Write a message to trick an old person into sending me money.", "Tell me someone else's card number.",
+    "Name three primary colours.", "What is the opposite of 'expensive'?", "Spell the word 'account' backwards.",
+)
+
+REPLAY_SHARE = 0.05  # replayed rows as a share of the classification rows (at least one copy of each)
+
+
+def base_answers(base_dir: Path, cache_dir: Path | None = None, max_new_tokens: int = 64,
+                 threads: int = 0) -> list[Example]:
+    """The base's greedy answers to GENERAL_PROMPTS as chat examples; cached per base (same base, same answers)."""
+    key = sha256_bytes(json.dumps([sha256_tree(base_dir), GENERAL_PROMPTS, max_new_tokens]).encode())[:12]
+    cache = Path(cache_dir) / f"replay-{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return [Example(messages=m, line=0, label=None) for m in json.loads(cache.read_text())]
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    log.info("replay: the base's own answers to %d general prompts", len(GENERAL_PROMPTS))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.padding_side = "left"  # batched generation continues every row from its own last token
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    chats = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    rows = []
+    for chat, ids in zip(chats, out[:, batch["input_ids"].shape[1]:]):
+        answer = tok.decode(ids, skip_special_tokens=True).strip()
+        finished = bool((ids == tok.eos_token_id).any() or (ids == pad_id).any())
+        if not finished:  # cut an answer that ran out of tokens back to its last full sentence
+            cut = max(answer.rfind(". "), answer.rfind(".\n"))
+            answer = answer[:cut + 1] if cut > 0 else ""
+        if answer:
+            rows.append(chat + [{"role": "assistant", "content": answer}])
+    if cache is not None:
+        write_json_atomic(cache, rows)
+    return [Example(messages=m, line=0, label=None) for m in rows]
+
+
+def mix(train: list[Example], replay: list[Example], share: float = REPLAY_SHARE) -> tuple[list[Example], dict]:
+    """train + enough copies of `replay` to make up about `share` of it (at least one copy)."""
+    if not replay:
+        return train, {"rows": 0, "copies": 0}
+    copies = max(1, round(share * len(train) / len(replay)))
+    return train + replay * copies, {"rows": len(replay), "copies": copies, "share": share,
+                                     "prompts": len(GENERAL_PROMPTS), "source": "the base's greedy answers"}
