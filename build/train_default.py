@@ -97,6 +97,8 @@ def main() -> int:
                    help="Second stage: continue the adapter in --out on replayed base answers + classification rows")
     p.add_argument("--per-label", type=int, default=None, help="stage 2: classification rows per intent (default all)")
     p.add_argument("--replay-copies", type=int, default=4, help="stage 2: copies of the replayed base answers")
+    p.add_argument("--init", type=Path, default=REPO / ".cache" / "default-adapter-stage1",
+                   help="stage 2: the adapter to continue (default: stage 1's, copied from --out on the first run)")
     args = p.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -124,7 +126,7 @@ def main() -> int:
         import dataclasses
         import shutil
 
-        stage1 = REPO / ".cache" / "default-adapter-stage1"
+        stage1 = args.init
         if not stage1.exists():
             shutil.copytree(args.out, stage1)
         tok = AutoTokenizer.from_pretrained(base)
