@@ -74,6 +74,7 @@ class Handle:
         self._loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self.deltas = True  # False: the caller waits for Done only, so the decode thread posts no per-token events
         self.engine: Engine | None = None
 
     def cancel(self) -> None:
@@ -373,7 +374,7 @@ class Engine:
         tail = seq.decoder.decode(b"", final=True)
         if tail and not seq.cut:
             seq.text += tail
-        if seq.sent < len(seq.text) and reason in ("stop", "length"):
+        if seq.sent < len(seq.text) and reason in ("stop", "length") and seq.handle.deltas:
             seq.handle._post(Delta(seq.text[seq.sent:]))
             seq.sent = len(seq.text)
         prob = math.exp(seq.logprob) if seq.params.choices is not None else None
@@ -487,5 +488,6 @@ class Engine:
         # Hold back what could still turn into a stop string; emit the rest.
         upto = len(seq.text) - (seq.holdback - 1 if seq.holdback else 0)
         if upto > seq.sent:
-            seq.handle._post(Delta(seq.text[seq.sent:upto]))
+            if seq.handle.deltas:
+                seq.handle._post(Delta(seq.text[seq.sent:upto]))
             seq.sent = upto

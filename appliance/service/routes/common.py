@@ -24,6 +24,7 @@ async def _disconnected(request: Request) -> None:
 
 async def wait_result(request: Request, handle: Handle, timeout: float) -> Done:
     """The final Done of `handle`; frees the sequence at once if the client leaves or the timeout passes."""
+    handle.deltas = False  # Done carries the whole text: spare the event loop a wake-up per token
     result = asyncio.ensure_future(handle.result())
     watch = asyncio.ensure_future(_disconnected(request))
     try:
