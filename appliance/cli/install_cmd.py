@@ -71,10 +71,11 @@ def _train(settings, base, data, labels, epochs, max_steps, lr) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     base_name = "" if base else DEFAULT_BASE_NAME
     base = Path(base) if base else ensure_default_base(settings.data_dir)
+    # out: the adapter lands in a keyed directory under it (train_or_reuse).
     cfg = TrainConfig(data=data, out=Path(settings.data_dir) / "adapters", base=base, base_name=base_name,
                       labels=labels, epochs=epochs, max_steps=max_steps, lr=lr, threads=settings.resolved_threads(),
                       cache_dir=Path(settings.data_dir) / "cache")
-    return train_or_reuse(cfg, Path(settings.data_dir) / "adapters", log_fn=lambda m: click.echo(m, err=True))
+    return train_or_reuse(cfg, log_fn=lambda m: click.echo(m, err=True))
 
 
 def _check_sources(build_dir, adapter, adapter_sha256, train_data, labels) -> None:

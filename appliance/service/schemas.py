@@ -48,34 +48,30 @@ class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Struct, kw_only=True):
+class _GenerationFields(Struct, kw_only=True):
+    """The sampling and streaming fields both OpenAI endpoints accept."""
+
     model: str
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_GenerationFields, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    n: Annotated[int, Meta(ge=1, le=1)] = 1
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    user: str | None = None
 
 
-class CompletionRequest(Struct, kw_only=True):
-    model: str
+class CompletionRequest(_GenerationFields, kw_only=True):
     prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
     max_tokens: MaxTokens | None = 16
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    n: Annotated[int, Meta(ge=1, le=1)] = 1
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
 
 
 class BankChatRequest(Struct, kw_only=True):

@@ -488,15 +488,15 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, model, opt, sched) -> dict:
     return blob["state"]
 
 
-def train_or_reuse(cfg: TrainConfig, adapters_dir: Path, log_fn=log.info) -> Path:
-    """`bankllm install --train`: train into adapters_dir/trained-<key>, keyed by the data's and labels' bytes and
+def train_or_reuse(cfg: TrainConfig, log_fn=log.info) -> Path:
+    """`bankllm install --train`: train into cfg.out/trained-<key>, keyed by the data's and labels' bytes and
     every hyperparameter. A finished adapter with the same key is reused (a rerun trains nothing); a run that was
     killed resumes from its checkpoint; one whose forgetting check failed fails again without retraining."""
     from ..fsutil import sha256_bytes
 
     parts = [cfg.key(), sha256_file(cfg.data), sha256_file(cfg.labels) if cfg.labels else None]
     key = sha256_bytes(json.dumps(parts).encode())[:12]
-    cfg = dataclasses.replace(cfg, out=Path(adapters_dir) / f"trained-{key}", checkpoint_dir=None)
+    cfg = dataclasses.replace(cfg, out=Path(cfg.out) / f"trained-{key}", checkpoint_dir=None)
     report_path = cfg.out / REPORT_FILE
     if report_path.is_file():
         report = json.loads(report_path.read_text())
