@@ -128,6 +128,35 @@ def test_concurrent_greedy_equals_lone(server):
     assert got == [lone[i % 2] for i in range(8)]
 
 
+def test_prompt_prefix_is_reused_and_changes_nothing(server):
+    """A slot keeps its last prompt's KV: a repeat reuses it in place, and a request landing in another slot while
+    that one is busy copies it over; either way the greedy answer is the lone one's."""
+    # Greedy counting runs to max_tokens (checked: 400 of 400), so the busy stream below outlives the repeat.
+    prompt = "Harbour Savings Bank, internal training sheet. Exercise 1: count from 1 to 1000. Answer: 1, 2, 3, 4, 5,"
+    client = server.client()
+
+    def ask(max_tokens=24, **kw):
+        return client.completions.create(model="bankllm", prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
+
+    first = ask()
+    lone, n_prompt = first.choices[0].text, first.usage.prompt_tokens
+    assert first.choices[0].finish_reason == "length"
+    before = server.metric("bankllm_prompt_tokens_cached")
+    assert ask().choices[0].text == lone
+    # Reused in place: every prompt token but the last (whose logits start the answer) came from the cache.
+    assert server.metric("bankllm_prompt_tokens_cached") - before == n_prompt - 1
+
+    # Keep that slot busy with the same prompt, then ask again: the request lands in another slot and copies the
+    # busy slot's KV stream instead of prefilling.
+    stream = ask(400, stream=True)
+    next(iter(stream))
+    before = server.metric("bankllm_prompt_tokens_cached")
+    assert ask().choices[0].text == lone
+    assert server.metric("bankllm_prompt_tokens_cached") - before == n_prompt - 1
+    assert server.metric("bankllm_active_sequences") == 1  # the stream was still running: a copy, not the same slot
+    stream.close()
+
+
 def test_banking_chat_keeps_history(server):
     with server.http() as c:
         first = c.post("/api/v1/chat", json={"message": "Hello, I need help with my account."})

@@ -157,7 +157,10 @@ def test_rate_limit(build_dir_server):
 def test_timeout_is_504_and_frees_the_slot(impatient):
     srv = impatient
     with srv.http() as c:
-        r = c.post("/v1/completions", json={"model": "bankllm", "prompt": "Once upon a time", "max_tokens": 1000})
+        # Greedy on a counting prompt runs to max_tokens (checked: 400 of 400 tokens), far past 1 s here; sampled
+        # text could hit the end of text first and make this flaky.
+        r = c.post("/v1/completions", json={"model": "bankllm", "prompt": "Count from 1 to 1000: 1, 2, 3, 4, 5,",
+                                            "max_tokens": 1000, "temperature": 0})
         assert r.status_code == 504 and "timeout" in error_of(r)["message"]
     deadline = time.monotonic() + 5  # the slot is freed at the next decode step
     while srv.metric("bankllm_active_sequences") != 0 and time.monotonic() < deadline:

@@ -20,12 +20,15 @@ class Metrics:
         self.completion_tokens = Counter("bankllm_completion_tokens", "Tokens generated.", registry=r)
         self.tokens_per_second = Gauge("bankllm_tokens_per_second", "Recent decode throughput (all sequences).",
                                        registry=r)
+        self.prompt_tokens_cached = Gauge("bankllm_prompt_tokens_cached", "Prompt tokens whose KV a slot already "
+                                          "held (not prefilled again), since start.", registry=r)
         self.queue_depth = Gauge("bankllm_queue_depth", "Requests waiting for a slot.", registry=r)
         self.active = Gauge("bankllm_active_sequences", "Sequences being decoded.", registry=r)
         if engine is not None:
             self.queue_depth.set_function(lambda: engine.queue_depth)
             self.active.set_function(lambda: engine.active)
             self.tokens_per_second.set_function(lambda: engine.tokens_per_second)
+            self.prompt_tokens_cached.set_function(lambda: engine.prompt_cached_total)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -1,7 +1,10 @@
 """Benchmark `bankllm serve` against llama-cpp-python in-process, `python -m llama_cpp.server` and llama-server.
 
 All runs use the same GGUF, the same prompt, greedy decoding and the same thread count, in one run of this script.
-Prints a table and writes JSON. Reference servers are optional: llama_cpp.server needs llama-cpp-python's [server]
+Every server is started first and stays up; then each round measures every target once, in a rotating order, and
+the table reports the median over rounds (and each ratio's range over rounds). Interleaving matters here: on a shared
+2-core machine the same run of the same code varies by 25% from minute to minute, which made one-after-the-other
+comparisons say more about the minute than about the server. Prints a table and writes JSON. Reference servers are optional: llama_cpp.server needs llama-cpp-python's [server]
 extra in this venv; llama-server needs --llama-server PATH (built from the llama-cpp-python sdist's vendored sources).
 
     python tests/benchmarks/bench_serve.py --threads 2 --out serve-bench.json
@@ -71,31 +74,27 @@ def complete(base: str, headers: dict, max_tokens: int, model: str) -> tuple[int
     return r.json()["usage"]["completion_tokens"], dt
 
 
-def http_throughput(base: str, headers: dict, model: str, max_tokens: int, concurrency: int, rounds: int) -> dict:
-    complete(base, headers, 8, model)  # warm-up
-    single = [complete(base, headers, max_tokens, model) for _ in range(rounds)]
-    single_tps = sum(n for n, _ in single) / sum(dt for _, dt in single)
+def many_streams(base: str, headers: dict, model: str, max_tokens: int, streams: int) -> tuple[int, float]:
+    """`streams` clients at once, one request each; (generated tokens, wall seconds)."""
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda _: complete(base, headers, max_tokens, model), range(concurrency * rounds)))
-    wall = time.perf_counter() - t0
-    return {"single_tps": round(single_tps, 1), "concurrent_tps": round(sum(n for n, _ in results) / wall, 1),
-            "single_tokens": [n for n, _ in single], "concurrent_tokens": sum(n for n, _ in results)}
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda _: complete(base, headers, max_tokens, model), range(streams)))
+    return sum(n for n, _ in results), time.perf_counter() - t0
 
 
-def in_process(model: Path, threads: int, max_tokens: int, rounds: int) -> dict:
-    from llama_cpp import Llama
+class InProcess:
+    """llama-cpp-python's Llama in this process: the single-stream reference."""
 
-    llm = Llama(str(model), n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False)
-    llm.create_completion(PROMPT, max_tokens=8, temperature=0)
-    n = dt = 0.0
-    for _ in range(rounds):
+    def __init__(self, model: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(model), n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False)
+        self.llm.create_completion(PROMPT, max_tokens=8, temperature=0)
+
+    def single(self, max_tokens: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        out = llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0)
-        dt += time.perf_counter() - t0
-        n += out["usage"]["completion_tokens"]
-    del llm
-    return {"single_tps": round(n / dt, 1)}
+        out = self.llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0)
+        return out["usage"]["completion_tokens"], time.perf_counter() - t0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -136,7 +135,7 @@ def memory_growth(base: str, headers: dict, pid: int, n: int, concurrency: int) 
             "growth_pct": round(100 * (after - before) / before, 2)}
 
 
-def start_bankllm(model: Path, threads: int, tmp: Path, pin: list[str]) -> tuple[subprocess.Popen, str, dict]:
+def start_bankllm(model: Path, threads: int, tmp: Path) -> tuple[subprocess.Popen, str, dict]:
     from appliance.service.keys import create_key
 
     _, key = create_key(tmp / "api-keys", "bench")
@@ -144,7 +143,7 @@ def start_bankllm(model: Path, threads: int, tmp: Path, pin: list[str]) -> tuple
     env = dict(os.environ, BANKLLM_KEYS_FILE=str(tmp / "api-keys"), BANKLLM_THREADS=str(threads),
                BANKLLM_PORT=str(port), BANKLLM_AUDIT_LOG=str(tmp / "audit.jsonl"), BANKLLM_RATE_LIMIT_PER_MINUTE="0",
                BANKLLM_REQUEST_TIMEOUT_S="3600")
-    proc = subprocess.Popen([*pin, sys.executable, "-m", "appliance", "serve", "--model", str(model)], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--model", str(model)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "wb"))
     base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     wait_http(base + "/ready", proc, headers=headers)
@@ -159,6 +158,34 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def start_reference_servers(args, model: Path) -> dict[str, tuple[subprocess.Popen, str, dict, str]]:
+    """The HTTP references, each on its own port: name -> (process, base URL, headers, model name)."""
+    servers = {}
+    if not args.skip_llama_cpp_server:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
+                                 str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048",
+                                 "--port", str(port), "--host", "127.0.0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers["python -m llama_cpp.server"] = (proc, f"http://127.0.0.1:{port}", {}, str(model))
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+    if args.llama_server:
+        port = free_port()
+        proc = subprocess.Popen([str(args.llama_server), "-m", str(model), "-t", str(args.threads), "-tb",
+                                 str(args.threads), "-np", str(args.concurrency), "-c", str(2048 * args.concurrency),
+                                 "--port", str(port), "--host", "127.0.0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers[f"llama-server -np {args.concurrency}"] = (proc, f"http://127.0.0.1:{port}", {}, "x")
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return servers
+
+
+def median_ratio(rounds: list[dict], ours: str, ref: str, key: str) -> dict:
+    per_round = [r[ours][key] / r[ref][key] for r in rounds]
+    return {"median": round(statistics.median(per_round), 2), "min": round(min(per_round), 2),
+            "max": round(max(per_round), 2)}
+
+
 def main() -> int:
     from tests._service_util import default_gguf
 
@@ -167,94 +194,83 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2, help="requests per stream")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each measures every target once")
     ap.add_argument("--classify-n", type=int, default=100)
     ap.add_argument("--memory-requests", type=int, default=0, help="requests for the RSS growth check (0 = skip)")
     ap.add_argument("--llama-server", type=Path, default=None, help="llama.cpp llama-server binary (optional)")
     ap.add_argument("--skip-llama-cpp-server", action="store_true")
-    ap.add_argument("--cpus", default=None, help="pin every server (and the in-process run) to these CPUs, e.g. 0,1;"
-                    " clients then run on the others")
     ap.add_argument("--out", type=Path, default=Path("serve-bench.json"))
     args = ap.parse_args()
     model = args.model or default_gguf()
-    common = dict(max_tokens=args.max_tokens, concurrency=args.concurrency, rounds=args.rounds)
-    rows: dict[str, dict] = {}
-
-    pin = [] if not args.cpus else ["taskset", "-c", args.cpus]
-    all_cpus = os.sched_getaffinity(0)
-    if args.cpus:
-        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-    rows["llama-cpp-python in-process"] = in_process(model, args.threads, args.max_tokens, args.rounds)
-    if args.cpus:
-        os.sched_setaffinity(0, all_cpus - {int(c) for c in args.cpus.split(",")})
-    print("in-process done", rows["llama-cpp-python in-process"], flush=True)
+    ours, inproc = "bankllm serve", "llama-cpp-python in-process"
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base, headers = start_bankllm(model, args.threads, Path(tmp), pin)
+        proc, base, headers = start_bankllm(model, args.threads, Path(tmp))
+        servers = {ours: (proc, base, headers, "bankllm")}
         try:
-            rows["bankllm serve"] = http_throughput(base, headers, "bankllm", **common)
-            print("bankllm done", rows["bankllm serve"], flush=True)
+            servers.update(start_reference_servers(args, model))
+            local = InProcess(model, args.threads)
+            for _, url, hdrs, name in servers.values():
+                complete(url, hdrs, 8, name)  # warm-up (and the prompt into each server's cache)
+            names = [inproc, *servers]
+            rounds: list[dict] = []
+            for r in range(args.rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                row: dict[str, dict] = {name: {} for name in names}
+                for name in order:
+                    n, dt = local.single(args.max_tokens) if name == inproc else \
+                        complete(servers[name][1], servers[name][2], args.max_tokens, servers[name][3])
+                    row[name]["single_tps"] = n / dt
+                for name in order:
+                    if name != inproc:
+                        _, url, hdrs, model_name = servers[name]
+                        n, dt = many_streams(url, hdrs, model_name, args.max_tokens, args.concurrency)
+                        row[name]["concurrent_tps"] = n / dt
+                rounds.append(row)
+                print(f"round {r + 1}:", {k: {m: round(v, 1) for m, v in d.items()} for k, d in row.items()}, flush=True)
+            del local
+            for name, (p, *_rest) in servers.items():
+                if name != ours:
+                    stop(p)
             classify = classify_latency(base, headers, args.classify_n, args.concurrency)
             print("classify", classify, flush=True)
             memory = memory_growth(base, headers, proc.pid, args.memory_requests, args.concurrency) \
                 if args.memory_requests else None
         finally:
-            stop(proc)
+            for p, *_rest in servers.values():
+                stop(p)
 
-    if not args.skip_llama_cpp_server:
-        port = free_port()
-        proc = subprocess.Popen([*pin, sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
-                                 str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048",
-                                 "--port", str(port), "--host", "127.0.0.1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
-            rows["python -m llama_cpp.server"] = http_throughput(f"http://127.0.0.1:{port}", {}, str(model), **common)
-            print("llama_cpp.server done", flush=True)
-        finally:
-            stop(proc)
-
-    if args.llama_server:
-        port = free_port()
-        n_ctx = 2048 * args.concurrency
-        proc = subprocess.Popen([*pin, str(args.llama_server), "-m", str(model), "-t", str(args.threads), "-tb",
-                                 str(args.threads), "-np", str(args.concurrency), "-c", str(n_ctx), "--port", str(port),
-                                 "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health", proc)
-            rows[f"llama-server -np {args.concurrency}"] = http_throughput(f"http://127.0.0.1:{port}", {}, "x", **common)
-            print("llama-server done", flush=True)
-        finally:
-            stop(proc)
-
-    ours = rows["bankllm serve"]
-    ratios = {"single_vs_in_process": round(ours["single_tps"] / rows["llama-cpp-python in-process"]["single_tps"], 2)}
-    if "python -m llama_cpp.server" in rows:
-        ratios["concurrent_vs_llama_cpp_server"] = round(
-            ours["concurrent_tps"] / rows["python -m llama_cpp.server"]["concurrent_tps"], 2)
+    table = {name: {key: round(statistics.median(r[name][key] for r in rounds), 1) for key in rounds[0][name]}
+             for name in rounds[0]}
+    ratios = {"single_vs_in_process": median_ratio(rounds, ours, inproc, "single_tps")}
+    if "python -m llama_cpp.server" in table:
+        ratios["concurrent_vs_llama_cpp_server"] = median_ratio(rounds, ours, "python -m llama_cpp.server",
+                                                                "concurrent_tps")
     key = f"llama-server -np {args.concurrency}"
-    if key in rows:
-        ratios["concurrent_vs_llama_server"] = round(ours["concurrent_tps"] / rows[key]["concurrent_tps"], 2)
+    if key in table:
+        ratios["concurrent_vs_llama_server"] = median_ratio(rounds, ours, key, "concurrent_tps")
 
     print()
     print(f"model {model.name}, {args.threads} threads, {args.max_tokens} tokens per request, greedy, "
-          f"{args.rounds} requests per stream")
+          f"median of {args.rounds} interleaved rounds")
     print(f"| server | 1 stream tok/s | {args.concurrency} streams aggregate tok/s |")
     print("| --- | ---: | ---: |")
-    for name, row in rows.items():
+    for name, row in table.items():
         print(f"| {name} | {row['single_tps']} | {row.get('concurrent_tps', '-')} |")
     print()
-    print("ratios:", ", ".join(f"{k} = {v}" for k, v in ratios.items()))
+    for k, v in ratios.items():
+        print(f"{k}: median {v['median']} (rounds {v['min']} to {v['max']})")
     print(f"classify latency ms: sequential p50 {classify['sequential_p50_ms']} p99 {classify['sequential_p99_ms']}; "
           f"{args.concurrency} clients p50 {classify[f'c{args.concurrency}_p50_ms']} "
           f"p99 {classify[f'c{args.concurrency}_p99_ms']} (n={classify['n']} each)")
     if memory:
         print(f"RSS over {memory['requests']} requests after warm-up: {memory['rss_before_mb']} -> "
               f"{memory['rss_after_mb']} MB ({memory['growth_pct']}%)")
-    result = {"model": str(model), "threads": args.threads, "cpus": args.cpus, "max_tokens": args.max_tokens,
-              "concurrency": args.concurrency, "rounds": args.rounds, "rows": rows, "ratios": ratios,
-              "classify": classify, "memory": memory, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                                  "load_avg_at_end": os.getloadavg()},
+    result = {"model": str(model), "threads": args.threads, "max_tokens": args.max_tokens,
+              "concurrency": args.concurrency, "rounds": args.rounds, "table": table, "per_round": rounds,
+              "ratios": ratios, "classify": classify, "memory": memory,
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_avg_at_end": os.getloadavg()},
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from appliance.fsutil import write_json_atomic
