@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests._service_util import error_of, running_server
+from tests._service_util import create_key, error_of, running_server
 
 PROMPT = [{"role": "user", "content": "What is a savings account? Answer in one sentence."}]
 
@@ -130,7 +130,7 @@ def test_concurrent_greedy_equals_lone(server):
 
 def test_prompt_prefix_is_reused_and_changes_nothing(server):
     """A slot keeps its last prompt's KV: a repeat reuses it in place, and a request landing in another slot while
-    that one is busy copies it over; either way the greedy answer is the lone one's."""
+    that one is busy copies it over; either way the greedy answer is the lone one's. Never across API keys."""
     # Greedy counting runs to max_tokens (checked: 400 of 400), so the busy stream below outlives the repeat.
     prompt = "Harbour Savings Bank, internal training sheet. Exercise 1: count from 1 to 1000. Answer: 1, 2, 3, 4, 5,"
     client = server.client()
@@ -155,6 +155,16 @@ def test_prompt_prefix_is_reused_and_changes_nothing(server):
     assert server.metric("bankllm_prompt_tokens_cached") - before == n_prompt - 1
     assert server.metric("bankllm_active_sequences") == 1  # the stream was still running: a copy, not the same slot
     stream.close()
+
+    # Another API key gets the same answer but none of the first key's cache (its speed would tell it what the
+    # first key sent); a repeat of its own prompt then reuses its own.
+    other = server.client(key=create_key(server.keys_file, "prefix-other"))
+    before = server.metric("bankllm_prompt_tokens_cached")
+    r = other.completions.create(model="bankllm", prompt=prompt, max_tokens=24, temperature=0)
+    assert r.choices[0].text == lone
+    assert server.metric("bankllm_prompt_tokens_cached") == before
+    other.completions.create(model="bankllm", prompt=prompt, max_tokens=24, temperature=0)
+    assert server.metric("bankllm_prompt_tokens_cached") - before == n_prompt - 1
 
 
 def test_banking_chat_keeps_history(server):

@@ -3,7 +3,8 @@
 Each running request owns a KV-cache sequence id (a slot, with its own KV stream) and its own sampler chain. Between steps, finished or
 cancelled sequences leave and waiting ones join. A slot keeps the KV of its last request, so a new prompt that starts
 the same way (a system prompt, the earlier turns of a conversation, the same question again) only prefills what is
-new, as llama-server's cache_prompt and llama-cpp-python's Llama do. Tokens reach the asyncio side through a
+new, as llama-server's cache_prompt and llama-cpp-python's Llama do. Reuse never crosses API keys: a prefix that
+answers faster would otherwise tell one caller what another recently sent. Tokens reach the asyncio side through a
 per-request asyncio.Queue fed with loop.call_soon_threadsafe.
 """
 
@@ -117,8 +118,9 @@ class Handle:
 class _Seq:
     """Decode-thread state of one request."""
 
-    def __init__(self, handle: Handle, tokens: list[int], params: GenParams):
+    def __init__(self, handle: Handle, tokens: list[int], params: GenParams, owner: str | None):
         self.handle = handle
+        self.owner = owner  # the API key id: KV prefixes are reused only between requests of the same owner
         self.tokens = tokens
         self.params = params
         self.slot = -1
@@ -188,6 +190,7 @@ class Engine:
         self._active: list[_Seq] = []
         self._free_slots = list(range(n_seq_max))
         self._cached: list[list[int]] = [[] for _ in range(n_seq_max)]  # tokens whose KV a free slot still holds
+        self._cached_owner: list[str | None] = [None] * n_seq_max
         self._running: dict[int, _Seq] = {}  # slot -> the sequence decoding in it
         self._stopping = False
         # Counters read by /metrics (plain ints: written by one thread, read racily but safely).
@@ -278,13 +281,13 @@ class Engine:
                                param="response_format")
         llama_cpp.llama_sampler_free(smpl)
 
-    def submit(self, tokens: list[int], params: GenParams) -> Handle:
-        """Queue one request; raises BusyError when the wait queue is full."""
+    def submit(self, tokens: list[int], params: GenParams, owner: str | None = None) -> Handle:
+        """Queue one request for `owner` (an API key id); raises BusyError when the wait queue is full."""
         if not tokens:
             raise PromptTooLongError("the prompt is empty; send some text", "prompt")
         handle = Handle(asyncio.get_running_loop())
         handle.engine = self
-        seq = _Seq(handle, list(tokens), params)
+        seq = _Seq(handle, list(tokens), params, owner)
         with self._lock:
             if self._stopping:
                 raise BusyError("the service is shutting down; retry on another instance")
@@ -343,12 +346,12 @@ class Engine:
             self._place(seq)
             self._active.append(seq)
 
-    def _slot_tokens(self, slot: int) -> list[int]:
-        """The tokens whose KV cells the slot holds, in order."""
+    def _slot_tokens(self, slot: int, owner: str | None) -> list[int]:
+        """The tokens whose KV cells the slot holds, in order, if `owner` put them there (else none)."""
         seq = self._running.get(slot)
         if seq is None:
-            return self._cached[slot]
-        return (seq.tokens + seq.generated)[:seq.n_past]
+            return self._cached[slot] if self._cached_owner[slot] == owner else []
+        return (seq.tokens + seq.generated)[:seq.n_past] if seq.owner == owner else []
 
     def _place(self, seq: _Seq) -> None:
         """Give `seq` the lowest free slot (running ids stay contiguous, see _step) and reuse the longest prompt
@@ -356,11 +359,11 @@ class Engine:
         slot = min(self._free_slots)
         self._free_slots.remove(slot)
         limit = len(seq.tokens) - 1
-        keep = _common_prefix(self._cached[slot], seq.tokens, limit)
+        keep = _common_prefix(self._slot_tokens(slot, seq.owner), seq.tokens, limit)
         best, src = keep, slot
         for other in range(self.n_slots):
             if other != slot:
-                n = _common_prefix(self._slot_tokens(other), seq.tokens, limit)
+                n = _common_prefix(self._slot_tokens(other, seq.owner), seq.tokens, limit)
                 if n > best:
                     best, src = n, other
         if best - keep >= COPY_MIN_TOKENS:
@@ -410,6 +413,7 @@ class Engine:
                 llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
             else:
                 self._cached[seq.slot] = (seq.tokens + seq.generated)[:seq.n_past]
+                self._cached_owner[seq.slot] = seq.owner
             self._free_slots.append(seq.slot)
             seq.slot = -1
         self._free_sampler(seq)

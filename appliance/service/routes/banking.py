@@ -13,7 +13,7 @@ from ..engine import GenParams
 from ..errors import APIError, NotFoundError
 from ..prompting import classify_messages
 from ..schemas import BankChatRequest, ClassifyRequest
-from .common import ClientGone, check_done, record_usage, wait_result
+from .common import ClientGone, check_done, key_id, record_usage, wait_result
 
 CHAT_MAX_TOKENS = 256
 
@@ -22,7 +22,7 @@ CHAT_MAX_TOKENS = 256
 async def bank_chat(request: Request, data: BankChatRequest, state: State) -> Response:
     svc = state.service
     start = time.perf_counter()
-    owner = request.scope["state"].get("key_id", "-")
+    owner = key_id(request)
     if data.conversation_id:
         conv = svc.conversations.get(data.conversation_id, owner)
         if conv is None:
@@ -44,7 +44,7 @@ async def bank_chat(request: Request, data: BankChatRequest, state: State) -> Re
             break
         history = history[1:]  # the oldest turns make room for the new one
     max_tokens = svc.engine.check_fits(len(tokens), min(max_tokens, svc.engine.seq_ctx - len(tokens)), "message")
-    handle = svc.engine.submit(tokens, GenParams(max_tokens=max_tokens, temperature=0.0))
+    handle = svc.engine.submit(tokens, GenParams(max_tokens=max_tokens, temperature=0.0), owner)
     try:
         done = await wait_result(request, handle, svc.settings.request_timeout_s)
     except ClientGone:
@@ -71,7 +71,8 @@ async def classify(request: Request, data: ClassifyRequest, state: State) -> Res
         svc.engine.check_fits(len(tokens), svc.label_max_tokens, "text")
         prepared.append(tokens)
     params = GenParams(max_tokens=svc.label_max_tokens, temperature=0.0, choices=svc.label_choices)
-    handles = [svc.engine.submit(tokens, params) for tokens in prepared]
+    owner = key_id(request)
+    handles = [svc.engine.submit(tokens, params, owner) for tokens in prepared]
     try:
         results = await asyncio.gather(*(wait_result(request, h, svc.settings.request_timeout_s) for h in handles))
     except ClientGone:

@@ -61,6 +61,11 @@ async def events_until(handle: Handle, deadline: float):
             return
 
 
+def key_id(request: Request) -> str:
+    """The id of the API key that authenticated this request (set by the auth middleware)."""
+    return request.scope["state"].get("key_id", "-")
+
+
 def record_usage(request: Request, svc, done: Done | None, prompt: str | None = None, n_prompt: int = 0) -> None:
     """Counts for /metrics and the audit line (text only kept when the audit log is told to keep it, masked)."""
     audit = request.scope.get("state", {}).get("audit")

@@ -14,7 +14,7 @@ from ..engine import Delta, Done, GenParams
 from ..errors import APIError, EngineTimeoutError, NotFoundError
 from ..prompting import grammar_for_response_format
 from ..schemas import ChatCompletionRequest, CompletionRequest, stops
-from .common import ClientGone, events_until, record_usage, wait_result
+from .common import ClientGone, events_until, key_id, record_usage, wait_result
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -106,7 +106,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest, state:
         svc.engine.check_grammar(grammar)
     params = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, seed=data.seed,
                        stop=stops(data.stop), grammar=grammar)
-    handle = svc.engine.submit(tokens, params)
+    handle = svc.engine.submit(tokens, params, key_id(request))
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     base = {"id": rid, "created": created, "model": svc.settings.model_name, "system_fingerprint": None}
     if not data.stream:
@@ -133,7 +133,7 @@ async def completions(request: Request, data: CompletionRequest, state: State) -
     max_tokens = prepare(svc, data.model, data.max_tokens, len(tokens), "prompt")
     params = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, seed=data.seed,
                        stop=stops(data.stop))
-    handle = svc.engine.submit(tokens, params)
+    handle = svc.engine.submit(tokens, params, key_id(request))
     base = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()),
             "model": svc.settings.model_name, "system_fingerprint": None}
     if not data.stream:
