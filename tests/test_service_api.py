@@ -167,6 +167,31 @@ def test_prompt_prefix_is_reused_and_changes_nothing(server):
     assert server.metric("bankllm_prompt_tokens_cached") - before == n_prompt - 1
 
 
+def test_a_hole_in_the_running_slots_is_closed_without_changing_the_answer(server):
+    """When a sequence in the middle finishes, a later one moves down into its slot (one graph per step, not two)
+    and still produces the lone greedy text."""
+    client = server.client()
+    counting = "Count from 1 to 1000: 1, 2, 3, 4, 5,"  # greedy runs to max_tokens, no near-ties
+
+    def stream(prompt, max_tokens):
+        s = client.completions.create(model="bankllm", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                      stream=True)
+        it = iter(s)
+        return s, it, next(it).choices[0].text
+
+    lone = client.completions.create(model="bankllm", prompt=counting, max_tokens=120, temperature=0).choices[0].text
+    moves = server.metric("bankllm_kv_slot_moves")
+    first, _, _ = stream("Harbour Savings Bank, exercise 2: count from 1 to 1000. Answer: 1, 2, 3,", 400)  # slot 0
+    middle, middle_it, _ = stream("Name the months of the year:", 40)  # slot 1
+    last, last_it, head = stream(counting, 120)  # slot 2
+    for _ in middle_it:  # slot 1 frees while slots 0 and 2 still run
+        pass
+    text = head + "".join(chunk.choices[0].text for chunk in last_it)
+    assert text == lone
+    assert server.metric("bankllm_kv_slot_moves") > moves
+    first.close()
+
+
 def test_banking_chat_keeps_history(server):
     with server.http() as c:
         first = c.post("/api/v1/chat", json={"message": "Hello, I need help with my account."})

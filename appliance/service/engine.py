@@ -197,6 +197,7 @@ class Engine:
         self.generated_total = 0
         self.prompt_total = 0
         self.prompt_cached_total = 0  # prompt tokens not prefilled because a slot already held their KV
+        self.slot_moves = 0  # running sequences moved down into a free slot (see _compact)
         self.decode_seconds = 0.0
         self.tokens_per_second = 0.0
         self._thread = threading.Thread(target=self._run, name="bankllm-decode", daemon=True)
@@ -346,12 +347,37 @@ class Engine:
             self._place(seq)
             self._active.append(seq)
 
+    def _compact(self) -> None:
+        """Close holes: while a free slot sits below a running one, move the highest running sequence down into it.
+
+        libllama runs one graph per run of consecutive sequence ids (see _step), so running slots {0, 2, 4, 6} cost
+        four graphs a step. Measured here (SmolLM2-135M, 2 threads): 4 sequences in slots 0-3 take 24 ms a step,
+        in 0, 2, 4, 6 they take 40 ms; the move is one stream copy (about 8 ms, once). The copy is bit-exact, so
+        greedy output does not change. The slot it leaves keeps the sequence's KV as a cached prefix."""
+        while self._free_slots and self._running:
+            low, high = min(self._free_slots), max(self._running)
+            if low > high:
+                return
+            seq = self._running.pop(high)
+            llama_cpp.llama_memory_seq_cp(self.mem, high, low, -1, -1)
+            self._free_slots.remove(low)
+            self._free_slots.append(high)
+            self._cached[high], self._cached_owner[high] = self._slot_tokens_of(seq), seq.owner
+            self._cached[low] = []
+            seq.slot = low
+            self._running[low] = seq
+            self.slot_moves += 1
+
+    @staticmethod
+    def _slot_tokens_of(seq: _Seq) -> list[int]:
+        return (seq.tokens + seq.generated)[:seq.n_past]
+
     def _slot_tokens(self, slot: int, owner: str | None) -> list[int]:
         """The tokens whose KV cells the slot holds, in order, if `owner` put them there (else none)."""
         seq = self._running.get(slot)
         if seq is None:
             return self._cached[slot] if self._cached_owner[slot] == owner else []
-        return (seq.tokens + seq.generated)[:seq.n_past] if seq.owner == owner else []
+        return self._slot_tokens_of(seq) if seq.owner == owner else []
 
     def _place(self, seq: _Seq) -> None:
         """Give `seq` the lowest free slot (running ids stay contiguous, see _step) and reuse the longest prompt
@@ -412,7 +438,7 @@ class Engine:
             if reason == "error":  # the cells may be half-written
                 llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
             else:
-                self._cached[seq.slot] = (seq.tokens + seq.generated)[:seq.n_past]
+                self._cached[seq.slot] = self._slot_tokens_of(seq)
                 self._cached_owner[seq.slot] = seq.owner
             self._free_slots.append(seq.slot)
             seq.slot = -1
@@ -447,6 +473,7 @@ class Engine:
                     self._waiting.remove(seq)
                     self._finish(seq, "cancelled")
                 self._admit()
+                self._compact()
             if self._active:
                 try:
                     self._step()

@@ -22,6 +22,8 @@ class Metrics:
                                        registry=r)
         self.prompt_tokens_cached = Gauge("bankllm_prompt_tokens_cached", "Prompt tokens whose KV a slot already "
                                           "held (not prefilled again), since start.", registry=r)
+        self.slot_moves = Gauge("bankllm_kv_slot_moves", "Running sequences moved down into a free slot to keep "
+                                "running slots contiguous, since start.", registry=r)
         self.queue_depth = Gauge("bankllm_queue_depth", "Requests waiting for a slot.", registry=r)
         self.active = Gauge("bankllm_active_sequences", "Sequences being decoded.", registry=r)
         if engine is not None:
@@ -29,6 +31,7 @@ class Metrics:
             self.active.set_function(lambda: engine.active)
             self.tokens_per_second.set_function(lambda: engine.tokens_per_second)
             self.prompt_tokens_cached.set_function(lambda: engine.prompt_cached_total)
+            self.slot_moves.set_function(lambda: engine.slot_moves)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
