@@ -136,6 +136,10 @@ class _Seq:
         self.cut = False  # text was cut at a stop string
         self.holdback = max((len(s) for s in params.stop), default=0)
 
+    def kv_tokens(self) -> list[int]:
+        """The tokens whose KV cells its slot holds, in order."""
+        return (self.tokens + self.generated)[:self.n_past]
+
 
 class Engine:
     """Owns the model, the context and the decode thread."""
@@ -362,22 +366,18 @@ class Engine:
             llama_cpp.llama_memory_seq_cp(self.mem, high, low, -1, -1)
             self._free_slots.remove(low)
             self._free_slots.append(high)
-            self._cached[high], self._cached_owner[high] = self._slot_tokens_of(seq), seq.owner
+            self._cached[high], self._cached_owner[high] = seq.kv_tokens(), seq.owner
             self._cached[low] = []
             seq.slot = low
             self._running[low] = seq
             self.slot_moves += 1
-
-    @staticmethod
-    def _slot_tokens_of(seq: _Seq) -> list[int]:
-        return (seq.tokens + seq.generated)[:seq.n_past]
 
     def _slot_tokens(self, slot: int, owner: str | None) -> list[int]:
         """The tokens whose KV cells the slot holds, in order, if `owner` put them there (else none)."""
         seq = self._running.get(slot)
         if seq is None:
             return self._cached[slot] if self._cached_owner[slot] == owner else []
-        return self._slot_tokens_of(seq) if seq.owner == owner else []
+        return seq.kv_tokens() if seq.owner == owner else []
 
     def _place(self, seq: _Seq) -> None:
         """Give `seq` the lowest free slot (running ids stay contiguous, see _step) and reuse the longest prompt
@@ -438,7 +438,7 @@ class Engine:
             if reason == "error":  # the cells may be half-written
                 llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
             else:
-                self._cached[seq.slot] = self._slot_tokens_of(seq)
+                self._cached[seq.slot] = seq.kv_tokens()
                 self._cached_owner[seq.slot] = seq.owner
             self._free_slots.append(seq.slot)
             seq.slot = -1

@@ -4,8 +4,9 @@ All runs use the same GGUF, the same prompt, greedy decoding and the same thread
 Every server is started first and stays up; then each round measures every target once, in a rotating order, and
 the table reports the median over rounds (and each ratio's range over rounds). Interleaving matters here: on a shared
 2-core machine the same run of the same code varies by 25% from minute to minute, which made one-after-the-other
-comparisons say more about the minute than about the server. Prints a table and writes JSON. Reference servers are optional: llama_cpp.server needs llama-cpp-python's [server]
-extra in this venv; llama-server needs --llama-server PATH (built from the llama-cpp-python sdist's vendored sources).
+comparisons say more about the minute than about the server. Prints a table and writes JSON. Reference servers are
+optional: llama_cpp.server needs llama-cpp-python's [server] extra in this venv; llama-server needs --llama-server PATH
+(built from the llama-cpp-python sdist's vendored sources).
 
     python tests/benchmarks/bench_serve.py --threads 2 --out serve-bench.json
 """
@@ -158,9 +159,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def start_reference_servers(args, model: Path) -> dict[str, tuple[subprocess.Popen, str, dict, str]]:
-    """The HTTP references, each on its own port: name -> (process, base URL, headers, model name)."""
-    servers = {}
+def start_reference_servers(args, model: Path, servers: dict) -> None:
+    """Start the HTTP references, each on its own port, into `servers`: name -> (process, base URL, headers, model
+    name); each goes in as soon as it is started, so the caller stops it even when a later one fails to come up."""
     if not args.skip_llama_cpp_server:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads",
@@ -177,7 +178,6 @@ def start_reference_servers(args, model: Path) -> dict[str, tuple[subprocess.Pop
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         servers[f"llama-server -np {args.concurrency}"] = (proc, f"http://127.0.0.1:{port}", {}, "x")
         wait_http(f"http://127.0.0.1:{port}/health", proc)
-    return servers
 
 
 def median_ratio(rounds: list[dict], ours: str, ref: str, key: str) -> dict:
@@ -208,7 +208,7 @@ def main() -> int:
         proc, base, headers = start_bankllm(model, args.threads, Path(tmp))
         servers = {ours: (proc, base, headers, "bankllm")}
         try:
-            servers.update(start_reference_servers(args, model))
+            start_reference_servers(args, model, servers)
             local = InProcess(model, args.threads)
             for _, url, hdrs, name in servers.values():
                 complete(url, hdrs, 8, name)  # warm-up (and the prompt into each server's cache)
@@ -227,11 +227,11 @@ def main() -> int:
                         n, dt = many_streams(url, hdrs, model_name, args.max_tokens, args.concurrency)
                         row[name]["concurrent_tps"] = n / dt
                 rounds.append(row)
-                print(f"round {r + 1}:", {k: {m: round(v, 1) for m, v in d.items()} for k, d in row.items()}, flush=True)
+                print(f"round {r + 1}:", {k: {m: round(v, 1) for m, v in d.items()} for k, d in row.items()},
+                      flush=True)
             del local
-            for name, (p, *_rest) in servers.items():
-                if name != ours:
-                    stop(p)
+            for name in [n for n in servers if n != ours]:
+                stop(servers.pop(name)[0])
             classify = classify_latency(base, headers, args.classify_n, args.concurrency)
             print("classify", classify, flush=True)
             memory = memory_growth(base, headers, proc.pid, args.memory_requests, args.concurrency) \
