@@ -6,6 +6,7 @@ Nothing else in bankllm reads os.environ; everything reads a Settings.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
@@ -85,6 +86,26 @@ class Settings:
         "Never ask for or repeat full card numbers, PINs or passwords."), metadata=_doc(
         "System prompt of the banking chat endpoint and the Modelfile."))
 
+    # --- banking assistant (/api/v1/chat) ----------------------------------------------------
+    chat_mode: str = field(default="approved", metadata=_doc(
+        "How /api/v1/chat answers: 'approved' (the bank's approved answer for the recognised intent, a clarifying "
+        "question when unsure, a handoff when out of scope) or 'generative' (the model writes the answer, given the "
+        "approved answer as its reference; opt-in)."))
+    answers_file: Path | None = field(default=None, metadata=_doc(
+        "The approved-answer library (TOML; check it with `bankllm answers check`). Default: the build's "
+        "answers.toml, else the shipped default library."))
+    bank_facts: dict = field(default_factory=dict, metadata=_doc(
+        "Values of the answer library's placeholders (bank_name, support_phone, ...): a [bank_facts] table in the "
+        "config file, or BANKLLM_BANK_FACTS as a JSON object."))
+    answer_threshold: float | None = field(default=None, metadata=_doc(
+        "Calibrated confidence at or above which the assistant answers (default: the threshold stored in the build, "
+        "chosen on validation data for target_answered_accuracy)."))
+    target_answered_accuracy: float = field(default=0.98, metadata=_doc(
+        "Accuracy the answered share must reach on validation data; `bankllm eval --fit` picks the threshold for it."))
+    clarify_mass: float = field(default=0.75, metadata=_doc(
+        "Below the threshold, ask a clarifying question when the two or three likeliest intents hold at least this "
+        "much probability together; otherwise hand over."))
+
     # --- install -----------------------------------------------------------------------------
     allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"], metadata=_doc(
         "Client networks the systemd unit lets reach the service (IPAddressAllow)."))
@@ -124,6 +145,15 @@ class Settings:
                               "set gate_ship_below, gate_warn_below, gate_escalate_below in increasing order")
         if self.gate_n_ctx < 16:
             raise ConfigError(f"gate_n_ctx={self.gate_n_ctx} is too small", "use at least 16 (512 is the default)")
+        if self.chat_mode not in ("approved", "generative"):
+            raise ConfigError(f"chat_mode={self.chat_mode!r} is not a mode", "set chat_mode to 'approved' or 'generative'")
+        if self.answer_threshold is not None and not (0.0 <= self.answer_threshold <= 1.0):
+            raise ConfigError(f"answer_threshold={self.answer_threshold} is not a probability", "use a value in [0, 1]")
+        if not (0.5 <= self.target_answered_accuracy < 1.0):
+            raise ConfigError(f"target_answered_accuracy={self.target_answered_accuracy} is out of range",
+                              "use a value in [0.5, 1), e.g. 0.98")
+        if not (0.0 < self.clarify_mass <= 1.0):
+            raise ConfigError(f"clarify_mass={self.clarify_mass} is out of range", "use a value in (0, 1]")
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range", "use a port between 1 and 65535")
 
@@ -193,11 +223,16 @@ def _coerce(name: str, hint, value):
             return float(value)
         if hint is Path:
             return Path(value).expanduser()
+        if origin is dict or hint is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): str(v) for k, v in value.items()}
         if origin is list:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
         return str(value) if hint is str else value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"setting {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}",
                           f"set {ENV_PREFIX}{name.upper()} or `{name}` in the config file to a valid value") from None

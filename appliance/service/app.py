@@ -4,85 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+from typing import Callable
 
 from litestar import Litestar, Request
-from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Response
 
-from ..errors import ConfigError
+from litestar.di import Provide
+
 from ..settings import Settings
-from .audit import AuditLog
 from .auth import SecurityMiddleware
-from .conversations import Conversations
-from .errors import APIError
-from .keys import KeyStore
-from .limits import RateLimiter
-from .metrics import Metrics
-from .model import resolve_model
-from .prompting import ChatTemplate
+from .errors import APIError, error_body
+from .records import RequestRecord
 from .routes import banking, openai, ops
+from .service import Service
 
 log = logging.getLogger("bankllm.service")
 
 
-class Service:
-    """Everything the routes share, created per app."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.files = resolve_model(settings.model)
-        self.keys = KeyStore(settings.resolved_keys_file())
-        if settings.require_keys and self.keys.count == 0:
-            raise ConfigError(f"no API keys in {self.keys.path}",
-                              "create one with `bankllm keys create --name NAME` (or set require_keys = false "
-                              "for a loopback-only test)")
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
-        self.audit = AuditLog(settings.audit_log, settings.audit_include_text)
-        self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s)
-        self.labels = self.files.labels
-        self.label_set = set(self.labels)
-        self.metrics = Metrics()
-        self.engine = None
-        self.template = None
-        self.ready = False
-        self.created = int(time.time())
-        self.known_routes: set[str] = set()
-
-    def start(self) -> None:
-        """Load the model and answer one token before declaring ready."""
-        from .engine import Choices, Engine
-
-        s = self.settings
-        self.engine = Engine(self.files.gguf, n_seq_max=s.n_seq_max, seq_ctx=s.seq_ctx,
-                             threads=s.resolved_threads(), queue_max=s.queue_max)
-        self.metrics = Metrics(self.engine)
-        self.template = ChatTemplate(self.engine.chat_template(), self.engine.bos_token, self.engine.eos_token)
-        if self.labels:
-            sequences = [self.engine.tokenize(x, special=False) for x in self.labels]
-            self.label_choices = Choices(sequences)
-            self.label_max_tokens = max(len(x) for x in sequences) + 1
-
-    async def warm_up(self) -> None:
-        from .engine import GenParams
-
-        tokens = self.engine.tokenize(self.template.render([{"role": "user", "content": "Hello"}]), special=True)
-        done = await self.engine.submit(tokens, GenParams(max_tokens=1)).result()
-        self.ready = done.finish_reason in ("stop", "length")
-
-    def stop(self) -> None:
-        self.ready = False
-        if self.engine is not None:
-            self.engine.close()
-        self.audit.close()
-
-
 def _error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> Response:
-    return Response({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                    status_code=status, headers=headers)
+    return Response(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def _api_error(_: Request, exc: APIError) -> Response:
@@ -132,9 +75,15 @@ def _internal_error(_: Request, exc: Exception) -> Response:
     return _error_response(500, "internal server error; see the service log", "server_error")
 
 
-def create_app(settings: Settings) -> Litestar:
-    """Build the app; the model loads in the lifespan, so creating the app is cheap and fails fast on bad config."""
-    service = Service(settings)
+def _record(request: Request) -> RequestRecord:
+    """The request's record, made by the security middleware (a fresh one where the middleware did not run)."""
+    return request.scope.setdefault("state", {}).setdefault("record", RequestRecord())
+
+
+def create_app(settings: Settings, engine_factory: Callable | None = None) -> Litestar:
+    """Build the app; the model loads in the lifespan, so creating the app is cheap and fails fast on bad config.
+    `engine_factory(settings, gguf_path)` makes the engine (default: llama.cpp; tests pass a fake)."""
+    service = Service(settings, engine_factory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar):
@@ -150,7 +99,8 @@ def create_app(settings: Settings) -> Litestar:
         service.known_routes.update(p for p in handler.paths if "{" not in p)
     app = Litestar(
         route_handlers=handlers,
-        state=State({"service": service}),
+        dependencies={"svc": Provide(lambda: service, use_cache=True, sync_to_thread=False),
+                      "record": Provide(_record, sync_to_thread=False)},
         lifespan=[lifespan],
         middleware=[DefineMiddleware(SecurityMiddleware, service=service)],
         exception_handlers={APIError: _api_error, ValidationException: _validation_error,

@@ -7,6 +7,7 @@ import time
 
 from .errors import APIError, AuthError, RateLimitError
 from .limits import retry_after_header
+from .records import RequestRecord
 
 OPEN_PATHS = {"/health"}
 
@@ -44,9 +45,8 @@ class SecurityMiddleware:
         start = time.perf_counter()
         path = scope["path"]
         route = path if path in svc.known_routes else "other"
-        state = scope.setdefault("state", {})
-        audit: dict = {}
-        state["audit"] = audit
+        record = RequestRecord()
+        scope.setdefault("state", {})["record"] = record
         status = {"code": 500}
         key_id = None
 
@@ -71,7 +71,7 @@ class SecurityMiddleware:
                         f"retry after {retry_after_header(wait)} s",
                         headers={"Retry-After": retry_after_header(wait)}))
                     return
-            state["key_id"] = key_id or "-"
+            record.key_id = key_id or "-"
             await self.app(scope, receive, send_wrapper)
         except BaseException as exc:
             status["code"] = getattr(exc, "status", None) or getattr(exc, "status_code", None) or 500
@@ -80,7 +80,7 @@ class SecurityMiddleware:
             seconds = time.perf_counter() - start
             if path not in ("/health", "/metrics"):
                 svc.metrics.observe(route, status["code"], seconds)
-                record = {"key_id": key_id or "-", "route": route, "method": scope.get("method"),
-                          "status": status["code"], "latency_ms": round(seconds * 1000, 1)}
-                record.update(audit)
-                svc.audit.write(record)
+                line = {"key_id": key_id or "-", "route": route, "method": scope.get("method"),
+                        "status": status["code"], "latency_ms": round(seconds * 1000, 1)}
+                line.update(record.audit_fields(svc.audit.include_text))
+                svc.audit.write(line)

@@ -15,6 +15,8 @@ class Conversation:
     owner: str
     turns: collections.deque  # of (user message, assistant answer)
     last_used: float
+    pending: list[str] = dataclasses.field(default_factory=list)  # intents a clarifying question offered
+    pending_text: str = ""  # the message that was unclear (read together with a fresh wording)
 
 
 class Conversations:
@@ -49,9 +51,13 @@ class Conversations:
             self._expire(now)
         return conv
 
-    def add_turn(self, conv: Conversation, message: str, answer: str) -> None:
+    def add_turn(self, conv: Conversation, message: str, answer: str, pending: list[str] | None = None,
+                 pending_text: str = "") -> None:
+        """Record a turn; `pending` are the intents a clarifying answer offered (empty: nothing is pending)."""
         with self._lock:
             conv.turns.append((message, answer))
+            conv.pending = list(pending or [])
+            conv.pending_text = pending_text if pending else ""
             conv.last_used = self.clock()
             if conv.id in self._items:
                 self._items.move_to_end(conv.id)

@@ -5,6 +5,12 @@ from __future__ import annotations
 from ..errors import ServiceError
 
 
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape: the one place every error answer (JSON, SSE event, middleware) is built."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 class APIError(ServiceError):
     """A request the service refuses; carries its HTTP status and OpenAI error type."""
 
@@ -21,7 +27,7 @@ class APIError(ServiceError):
             self.status = status
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 class PromptTooLongError(APIError):

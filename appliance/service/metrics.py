@@ -9,7 +9,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
-    def __init__(self, engine=None):
+    def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("bankllm_requests", "HTTP requests by route and status.", ["route", "status"],
@@ -26,12 +26,14 @@ class Metrics:
                                 "running slots contiguous, since start.", registry=r)
         self.queue_depth = Gauge("bankllm_queue_depth", "Requests waiting for a slot.", registry=r)
         self.active = Gauge("bankllm_active_sequences", "Sequences being decoded.", registry=r)
-        if engine is not None:
-            self.queue_depth.set_function(lambda: engine.queue_depth)
-            self.active.set_function(lambda: engine.active)
-            self.tokens_per_second.set_function(lambda: engine.tokens_per_second)
-            self.prompt_tokens_cached.set_function(lambda: engine.prompt_cached_total)
-            self.slot_moves.set_function(lambda: engine.slot_moves)
+
+    def bind_engine(self, engine) -> None:
+        """Read the engine's gauges at scrape time (the engine starts after the metrics exist)."""
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.active.set_function(lambda: engine.active)
+        self.tokens_per_second.set_function(lambda: engine.tokens_per_second)
+        self.prompt_tokens_cached.set_function(lambda: engine.prompt_cached_total)
+        self.slot_moves.set_function(lambda: engine.slot_moves)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

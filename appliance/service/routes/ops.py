@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from litestar import get
-from litestar.datastructures import State
 from litestar.response import Response
 
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE_LATEST
+from ..service import Service
 
 
 @get("/health", summary="Process alive (no key needed)")
@@ -16,8 +16,7 @@ async def health() -> dict:
 
 
 @get("/ready", summary="Model loaded and answering")
-async def ready(state: State) -> dict:
-    svc = state.service
+async def ready(svc: Service) -> dict:
     if not svc.ready:
         raise APIError("the model is not loaded yet; retry shortly", status=503)
     return {"status": "ready", "model": svc.settings.model_name, "slots": svc.engine.n_slots,
@@ -25,8 +24,8 @@ async def ready(state: State) -> dict:
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
-async def metrics(state: State) -> Response:
-    return Response(state.service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(svc: Service) -> Response:
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 ROUTES = [health, ready, metrics]

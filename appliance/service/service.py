@@ -1,0 +1,225 @@
+"""The service façade the routes call: one object per app that owns the engine, keys, limits, audit, conversations
+and answers, and the one path from a request to the engine (render, tokenize, fit check, submit)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Callable
+
+from ..errors import ConfigError
+from ..settings import Settings
+from .audit import AuditLog
+from .conversations import Conversations
+from .errors import APIError, NotFoundError
+from .keys import KeyStore
+from .limits import RateLimiter
+from .metrics import Metrics
+from .model import resolve_model
+from .prompting import ChatTemplate
+from .waiting import ClientGone, wait_result
+
+
+def real_engine(settings: Settings, gguf):
+    """The llama.cpp engine (imported here so that a fake engine needs no libllama)."""
+    from .engine import Engine
+
+    return Engine(gguf, n_seq_max=settings.n_seq_max, seq_ctx=settings.seq_ctx,
+                  threads=settings.resolved_threads(), queue_max=settings.queue_max)
+
+
+@dataclasses.dataclass
+class Classification:
+    intent: str
+    confidence: float
+
+
+@dataclasses.dataclass
+class Generation:
+    """A submitted request: its handle, the prompt text (for the audit log) and its prompt token count."""
+
+    handle: object
+    prompt: str
+    n_prompt: int
+
+
+class Service:
+    """Everything the routes share, created per app; the engine is started in the app's lifespan."""
+
+    def __init__(self, settings: Settings, engine_factory: Callable | None = None):
+        self.settings = settings
+        self.files = resolve_model(settings.model)
+        self.keys = KeyStore(settings.resolved_keys_file())
+        if settings.require_keys and self.keys.count == 0:
+            raise ConfigError(f"no API keys in {self.keys.path}",
+                              "create one with `bankllm keys create --name NAME` (or set require_keys = false "
+                              "for a loopback-only test)")
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.audit = AuditLog(settings.audit_log, settings.audit_include_text)
+        self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s)
+        self.labels: list[str] = self.files.labels
+        self.label_set = set(self.labels)
+        self.metrics = Metrics()
+        self.engine_factory = engine_factory or real_engine
+        self.engine = None  # set by start(): loading the model is the lifespan's job, not the constructor's
+        self.template: ChatTemplate | None = None
+        self.label_choices = None
+        self.label_max_tokens = 0
+        self.ready = False
+        self.created = int(time.time())
+        self.known_routes: set[str] = set()
+
+    def start(self) -> None:
+        """Load the model and build what depends on its vocabulary."""
+        from .engine import Choices
+
+        self.engine = self.engine_factory(self.settings, self.files.gguf)
+        self.metrics.bind_engine(self.engine)
+        self.template = ChatTemplate(self.engine.chat_template(), self.engine.bos_token, self.engine.eos_token)
+        if self.labels:
+            sequences = [self.engine.tokenize(x, special=False) for x in self.labels]
+            self.label_choices = Choices(sequences)
+            self.label_max_tokens = max(len(x) for x in sequences) + 1
+
+    async def warm_up(self) -> None:
+        """Answer one token before declaring ready."""
+        from .engine import GenParams
+
+        gen = self.generate(GenParams(max_tokens=1), "-", messages=[{"role": "user", "content": "Hello"}])
+        done = await gen.handle.result()
+        self.ready = done.finish_reason in ("stop", "length")
+
+    def stop(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            self.engine.close()
+        self.audit.close()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model != self.settings.model_name:
+            raise NotFoundError(f"the model {model!r} does not exist here; use {self.settings.model_name!r} "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def cap_max_tokens(self, max_tokens: int | None) -> int | None:
+        cap = self.settings.max_tokens_cap
+        if max_tokens is not None and max_tokens > cap:
+            raise APIError(f"max_tokens={max_tokens} is above this server's cap of {cap}; ask for at most {cap}",
+                           param="max_tokens")
+        return max_tokens
+
+    def render(self, messages: list[dict]) -> tuple[str, list[int]]:
+        prompt = self.template.render(messages)
+        return prompt, self.engine.tokenize(prompt, special=True)
+
+    def generate(self, params, owner: str, *, messages: list[dict] | None = None, prompt: str | None = None,
+                 tokens: list[int] | None = None, param: str = "messages") -> Generation:
+        """Render (chat messages) or take a raw prompt, tokenize, check it fits, submit; params.max_tokens None means
+        'as many as fit', capped by the server's max_tokens_cap."""
+        if messages is not None:
+            prompt, tokens = self.render(messages)
+        elif tokens is None:
+            # Raw prompts are tokenized without parsing control-token text: a caller cannot forge chat turns this way.
+            tokens = self.engine.tokenize(prompt, special=False)
+        use = self.engine.check_fits(len(tokens), params.max_tokens, param)
+        params = dataclasses.replace(params, max_tokens=min(use, self.settings.max_tokens_cap))
+        return Generation(self.engine.submit(tokens, params, owner), prompt or "", len(tokens))
+
+    def account(self, record, done, prompt: str | None = None, n_prompt: int = 0) -> None:
+        """Count a finished (or, `done` None, abandoned) generation in /metrics and the request's audit record."""
+        self.metrics.prompt_tokens.inc(done.prompt_tokens if done is not None else n_prompt)
+        self.metrics.completion_tokens.inc(done.completion_tokens if done is not None else 0)
+        record.add(done, prompt, n_prompt)
+
+    async def classify(self, request, record, texts: list[str]) -> list | None:
+        """The label and its confidence for each text (None when the client went away); every answer is a label."""
+        from .engine import GenParams
+        from .prompting import classify_messages
+
+        params = GenParams(max_tokens=self.label_max_tokens, temperature=0.0, choices=self.label_choices)
+        prepared = []
+        for text in texts:
+            _, tokens = self.render(classify_messages(text))
+            self.engine.check_fits(len(tokens), self.label_max_tokens, "text")
+            prepared.append(tokens)
+        handles = [self.engine.submit(tokens, params, record.key_id) for tokens in prepared]
+        try:
+            results = await asyncio.gather(*(wait_result(request, h, self.settings.request_timeout_s) for h in handles))
+        except ClientGone:
+            for h in handles:
+                h.cancel()
+            return None
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        out = []
+        for text, done in zip(texts, results):
+            self.account(record, done, text)
+            if done.text not in self.label_set:  # the label trie makes this impossible; refuse rather than invent
+                raise APIError(f"classification produced no valid label (finish: {done.finish_reason})", status=500)
+            out.append(Classification(done.text, done.probability or 0.0))
+        return out
+
+    # -- the banking assistant -----------------------------------------------------------------------------------
+
+    async def assist(self, request, record, conv, message: str):
+        """One turn of /api/v1/chat: a Reply from the approved library (or, in generative mode, the model's answer
+        with the approved one as its reference); None when the client went away."""
+        from . import assistant as a
+
+        lib = self.answers
+        if conv.pending:
+            picked = a.resolve_choice(message, conv.pending, lib.descriptions)
+            if picked == a.OUT_OF_SCOPE:
+                return a.Reply(lib.message("handoff"), a.OUT, None, 0.0, True)
+            if picked is not None:
+                return await self._answer(request, record, conv, message, picked, 1.0)
+            message_for_model = f"{conv.pending_text} {message}"  # a fresh wording reads with what it explains
+        else:
+            message_for_model = message
+        ranked = await self.rank(request, record, message_for_model)
+        if ranked is None:
+            return None
+        kind, chosen = a.decide(ranked, a.Policy(self.threshold, self.settings.clarify_mass))
+        intent, p = chosen[0] if chosen else (None, 0.0)
+        record.extra.update({"intent": intent, "confidence": round(p, 4), "source": kind})
+        if kind == a.APPROVED:
+            return await self._answer(request, record, conv, message, intent, p)
+        if kind == a.CLARIFY:
+            options = [i for i, _ in chosen]
+            text = a.clarify_text(options, lib.descriptions, lib.messages)
+            return a.Reply(text, a.CLARIFY, intent, p, False, options)
+        return a.Reply(lib.message("handoff"), a.OUT, None if intent == a.OUT_OF_SCOPE else intent, p, True)
+
+    async def _answer(self, request, record, conv, message: str, intent: str, p: float):
+        """The approved answer for `intent`; in generative mode the model's, written with it as the reference."""
+        from . import assistant as a
+        from .engine import GenParams
+
+        approved = self.answers.answer(intent)
+        if self.settings.chat_mode != "generative":
+            return a.Reply(approved, a.APPROVED, intent, p, False)
+        max_tokens = min(256, self.settings.max_tokens_cap)
+        history = list(conv.turns)
+        while True:
+            messages = [{"role": "system", "content": f"{self.settings.system_prompt} Answer the customer using only "
+                         f"this answer, approved by the bank: {approved}"}]
+            for user, answer in history:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": message})
+            prompt, tokens = self.render(messages)
+            if len(tokens) + max_tokens <= self.engine.seq_ctx or not history:
+                break
+            history = history[1:]  # the oldest turns make room for the new one
+        params = GenParams(max_tokens=min(max_tokens, self.engine.seq_ctx - len(tokens)), temperature=0.0)
+        gen = self.generate(params, record.key_id, prompt=message, tokens=tokens, param="message")
+        try:
+            done = await wait_result(request, gen.handle, self.settings.request_timeout_s)
+        except ClientGone:
+            self.account(record, None, gen.prompt, gen.n_prompt)
+            return None
+        self.account(record, done, gen.prompt)
+        return a.Reply(done.text.strip() or approved, "generated", intent, p, False)
