@@ -187,6 +187,13 @@ def parse_library(data: bytes, labels: Iterable[str], source: str = ANSWERS_FILE
                 used.add(name)
             texts[field] = value.strip()
         intents[label] = Intent(**texts)
+    seen: dict[str, str] = {}
+    for label, intent in intents.items():  # a clarifying question offering two equal descriptions helps nobody
+        key = " ".join(intent.description.lower().split())
+        if key in seen:
+            raise AnswerLibraryError(f"{source}: intents {seen[key]!r} and {label!r} have the same description",
+                                     "give each intent a description that tells it apart from the others")
+        seen[key] = label
     return LibrarySource(intents, tuple(required), dict(defaults), tuple(sorted(used)), sha256_bytes(data), source)
 
 

@@ -47,6 +47,8 @@ BAD = {
     "bad TOML": (TEXT.replace("[intents.change_pin]", "[intents.change_pin"), ["not valid TOML", "line"]),
     "stray brace": (TEXT.replace("call {support_phone} and we'll help.\"", "call {support_phone and we'll help.\"", 1),
                     ["'card_arrival'", "malformed placeholder"]),
+    "same description": (TEXT.replace('description = "a lost or stolen card"', 'description = "a card that is not working"'),
+                         ["'card_not_working'", "'lost_or_stolen_card'", "same description"]),
     "unknown key": (TEXT.replace('[intents.change_pin]\n', '[intents.change_pin]\nanwser = "typo"\n'),
                     ["'change_pin'", "'anwser'"]),
 }

@@ -35,7 +35,7 @@ def answers():
 @click.option("--fact", "facts", multiple=True, metavar="NAME=VALUE",
               help="A bank fact to fill in, as the settings' bank_facts would (repeatable).")
 def check(file, labels_file, facts):
-    """Check every intent has a non-empty answer and description and every placeholder is declared."""
+    """Check a library: one answer per label, nothing empty, every placeholder declared."""
     from ..answers import default_labels_file, read_library
 
     if labels_file is None:
