@@ -20,6 +20,20 @@ from .fsutil import sha256_bytes
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FIELDS = ("description", "answer")
+# A model may be trained with this label for what the bank has no answer for: the assistant hands over, so it needs
+# no entry in the library.
+RESERVED_LABELS = ("out_of_scope",)
+# What the assistant says besides approved answers; a library may override each in a [messages] table. {option} and
+# {options} are the descriptions a clarifying question offers (filled per turn, not from the bank facts).
+MESSAGES = {
+    "clarify_one": "Just to be sure I help with the right thing: is your question about {option}? "
+                   "Reply yes, or tell me a bit more.",
+    "clarify_many": "Just to be sure I help with the right thing, is your question about {options}? "
+                    "Reply with the number, or tell me a bit more.",
+    "handoff": "I'm sorry, that isn't something I can answer here. I'll pass you to a member of our team, "
+               "or you can contact {bank_name} through {support_phone}.",
+}
+TURN_PLACEHOLDERS = {"clarify_one": ("option",), "clarify_many": ("options",), "handoff": ()}
 
 
 class AnswerLibraryError(InputError):
@@ -77,6 +91,7 @@ class LibrarySource:
     """A parsed and checked library, before the bank facts are filled in."""
 
     intents: dict[str, Intent]
+    messages: dict[str, str]  # the assistant's own lines (MESSAGES, overridden by the library's [messages])
     required: tuple[str, ...]  # facts the settings must give
     defaults: dict[str, str]  # facts with a neutral default
     used: tuple[str, ...]  # placeholders the texts use, sorted
@@ -107,7 +122,9 @@ class LibrarySource:
         values = {**self.defaults, **{k: _fact_text(v) for k, v in facts.items() if _fact_text(v)}}
         filled = {label: Intent(_fill(i.description, values), _fill(i.answer, values))
                   for label, i in self.intents.items()}
-        return AnswerLibrary(filled, values, self)
+        messages = {name: _fill(text, {**values, **{p: "{" + p + "}" for p in TURN_PLACEHOLDERS[name]}})
+                    for name, text in self.messages.items()}
+        return AnswerLibrary(filled, values, self, messages)
 
 
 def _fact_text(value: object) -> str:
@@ -124,10 +141,11 @@ def parse_library(data: bytes, labels: Iterable[str], source: str = ANSWERS_FILE
     except tomllib.TOMLDecodeError as exc:
         raise AnswerLibraryError(f"{source} is not valid TOML: {exc}", "correct the TOML syntax at that line") from None
 
-    extra_tables = sorted(set(doc) - {"bank", "intents"})
+    extra_tables = sorted(set(doc) - {"bank", "intents", "messages"})
     if extra_tables:
         raise AnswerLibraryError(f"{source}: unknown top-level key {extra_tables[0]!r}",
-                                 "put intents under [intents.LABEL] and facts under [bank]")
+                                 "put intents under [intents.LABEL], facts under [bank], the assistant's lines "
+                                 "under [messages]")
     bank = doc.get("bank", {})
     if not isinstance(bank, dict) or set(bank) - {"required", "defaults"}:
         raise AnswerLibraryError(f"{source}: [bank] may hold only `required` (a list) and [bank.defaults]",
@@ -151,7 +169,7 @@ def parse_library(data: bytes, labels: Iterable[str], source: str = ANSWERS_FILE
     intents_doc = doc.get("intents")
     if not isinstance(intents_doc, dict) or not intents_doc:
         raise AnswerLibraryError(f"{source} has no [intents.LABEL] tables", "add one table per label of the model")
-    labels = list(labels)
+    labels = [label for label in labels if label not in RESERVED_LABELS]
     missing = [label for label in labels if label not in intents_doc]
     if missing:
         raise AnswerLibraryError(
@@ -187,6 +205,21 @@ def parse_library(data: bytes, labels: Iterable[str], source: str = ANSWERS_FILE
                 used.add(name)
             texts[field] = value.strip()
         intents[label] = Intent(**texts)
+    messages_doc = doc.get("messages", {})
+    if not isinstance(messages_doc, dict) or set(messages_doc) - set(MESSAGES):
+        raise AnswerLibraryError(f"{source}: [messages] may hold only {', '.join(MESSAGES)}",
+                                 "remove the other keys from [messages]")
+    messages = {}
+    for name, default in MESSAGES.items():
+        value = messages_doc.get(name, default)
+        if not isinstance(value, str) or not value.strip():
+            raise AnswerLibraryError(f"{source}: messages.{name} is empty", f"write the text of messages.{name}")
+        for ph in _placeholders(value, f"messages.{name}", source):
+            if ph not in declared and ph not in TURN_PLACEHOLDERS[name]:
+                raise AnswerLibraryError(f"{source}: messages.{name} uses undeclared placeholder {{{ph}}}",
+                                         f"declare {ph} under [bank] or correct its spelling")
+            used.add(ph) if ph in declared else None
+        messages[name] = value.strip()
     seen: dict[str, str] = {}
     for label, intent in intents.items():  # a clarifying question offering two equal descriptions helps nobody
         key = " ".join(intent.description.lower().split())
@@ -194,7 +227,8 @@ def parse_library(data: bytes, labels: Iterable[str], source: str = ANSWERS_FILE
             raise AnswerLibraryError(f"{source}: intents {seen[key]!r} and {label!r} have the same description",
                                      "give each intent a description that tells it apart from the others")
         seen[key] = label
-    return LibrarySource(intents, tuple(required), dict(defaults), tuple(sorted(used)), sha256_bytes(data), source)
+    return LibrarySource(intents, messages, tuple(required), dict(defaults), tuple(sorted(used)), sha256_bytes(data),
+                         source)
 
 
 def _toml_key(label: str) -> str:
@@ -219,6 +253,7 @@ class AnswerLibrary:
     intents: dict[str, Intent]
     facts: dict[str, str]  # the values used: the settings' facts over the library's defaults
     source: LibrarySource
+    messages: dict[str, str]  # the assistant's lines, facts filled ({option}/{options} left for the turn)
 
     @classmethod
     def load(cls, path: Path, labels: Iterable[str], facts: Mapping[str, object] | None = None) -> "AnswerLibrary":
@@ -241,6 +276,14 @@ class AnswerLibrary:
     def description(self, intent: str) -> str:
         """The customer-facing description of `intent`, placeholders filled."""
         return self._get(intent).description
+
+    @property
+    def descriptions(self) -> dict[str, str]:
+        return {label: i.description for label, i in self.intents.items()}
+
+    def message(self, name: str) -> str:
+        """One of the assistant's own lines (MESSAGES), facts filled."""
+        return self.messages[name]
 
     def _get(self, intent: str) -> Intent:
         try:

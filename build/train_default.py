@@ -77,6 +77,43 @@ def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], p
     return dest
 
 
+def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls: int = 40, per_label_chat: int = 6,
+                        oos_copies: int = 3, replay_copies: int = 3) -> Path:
+    """Chat JSONL for the assistant stage: classification rows (the training split only), the project's own
+    out-of-scope training queries labelled out_of_scope (build/default/oos-train.txt; oos-val.txt never), banking
+    questions asked as a plain chat message answered with their intent's approved answer (default facts filled;
+    half with no system prompt, half with the service's), and the base's replayed general answers."""
+    import random
+
+    from appliance.answers import AnswerLibrary, default_answers_file
+
+    labels = json.loads((DEFAULT_DIR / "labels.json").read_text())
+    labels = [x for x in labels if x != "out_of_scope"]
+    library = AnswerLibrary.load(default_answers_file(), labels)
+    service_prompt = Settings.load().system_prompt
+    system = train_rows[0].messages[0]["content"]  # the classify prompt the rows were rendered with
+    rng = random.Random(11)
+    by_label: dict = {}
+    for e in train_rows:
+        by_label.setdefault(e.label, []).append(e)
+    rows = []
+    for label in sorted(by_label):
+        picked = rng.sample(by_label[label], min(len(by_label[label]), per_label_cls + per_label_chat))
+        rows.extend({"messages": e.messages} for e in picked[:per_label_cls])
+        for k, e in enumerate(picked[per_label_cls:]):
+            msgs = ([{"role": "system", "content": service_prompt}] if k % 2 else []) + [
+                {"role": "user", "content": e.text}, {"role": "assistant", "content": library.answer(label)}]
+            rows.append({"messages": msgs})
+    oos = [line.strip() for line in (DEFAULT_DIR / "oos-train.txt").read_text().splitlines() if line.strip()]
+    for text in oos * oos_copies:
+        rows.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": text},
+                                  {"role": "assistant", "content": "out_of_scope"}]})
+    rows.extend(replay_rows * replay_copies)
+    rng.shuffle(rows)
+    write_text_atomic(dest, "".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "banking77" / "train.csv")
@@ -97,6 +134,9 @@ def main() -> int:
                    help="Second stage: continue the adapter in --out on replayed base answers + classification rows")
     p.add_argument("--per-label", type=int, default=None, help="stage 2: classification rows per intent (default all)")
     p.add_argument("--replay-copies", type=int, default=4, help="stage 2: copies of the replayed base answers")
+    p.add_argument("--assistant", action="store_true",
+                   help="Assistant stage: continue --init on classification rows, out_of_scope rows and approved "
+                        "answers to plain chat questions (see make_assistant_data)")
     p.add_argument("--init", type=Path, default=REPO / ".cache" / "default-adapter-stage1",
                    help="stage 2: the adapter to continue (default: stage 1's, copied from --out on the first run)")
     args = p.parse_args()
@@ -139,10 +179,23 @@ def main() -> int:
                                 replay_copies=args.replay_copies, threads=args.threads)
         cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=stage1, epochs=args.epochs, val_fraction=0.0, lr=args.lr,
                                   max_seq_len=192, checkpoint_dir=REPO / ".cache" / "train-default-stage2-checkpoint")
+    if args.assistant:
+        import dataclasses
+
+        from appliance.training.replay import base_answers
+
+        tok = AutoTokenizer.from_pretrained(base)
+        train_rows, _, _, _ = prepare(cfg, tok)
+        replay_rows = [{"messages": e.messages} for e in base_answers(base, REPO / ".cache", threads=args.threads)]
+        data = make_assistant_data(train_rows, REPO / ".cache" / "assistant-stage.jsonl", replay_rows)
+        labels = labels + ["out_of_scope"]
+        cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=args.init, epochs=args.epochs,
+                                  val_fraction=0.0, lr=args.lr, max_seq_len=192, replay=False,
+                                  checkpoint_dir=REPO / ".cache" / "train-default-assistant-checkpoint")
     try:
         result = train(cfg, resume=args.resume, progress=False)
     finally:
-        if args.stage2 and (args.out / "adapter_config.json").is_file():
+        if (args.stage2 or args.assistant) and (args.out / "adapter_config.json").is_file():
             # The stage-2 data is chat JSONL: keep the label set and say so.
             write_json_atomic(args.out / "labels.json", labels)
             write_json_atomic(args.out / "bankllm-task.json", {"system_prompt": cfg.system_prompt, "labels": "labels.json"})

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
+from appliance.answers import MESSAGES
 from appliance.service.assistant import (APPROVED, CLARIFY, OUT, OUT_OF_SCOPE, Policy, clarify_text, decide,
-                                         resolve_choice, MESSAGES)
+                                         resolve_choice)
 from appliance.training import calibration as cal
 
 DESC = {"card_arrival": "a new card that has not arrived yet", "lost_or_stolen_card": "a card that was lost or stolen",

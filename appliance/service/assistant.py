@@ -94,20 +94,9 @@ def decide(ranked: list[tuple[str, float]], policy: Policy) -> tuple[str, list[t
     return OUT, [ranked[0]]
 
 
-# What the assistant says besides approved answers; a library may override each ([messages] table).
-MESSAGES = {
-    "clarify_one": "Just to be sure I help with the right thing: is your question about {option}? "
-                   "Reply yes, or tell me a bit more.",
-    "clarify_many": "Just to be sure I help with the right thing, is your question about {options}? "
-                    "Reply with the number, or tell me a bit more.",
-    "handoff": "I'm sorry, that isn't something I can answer here. I'll pass you to a member of our team, "
-               "or you can contact {bank_name} support.",
-}
-
-
 def clarify_text(options: list[str], descriptions: dict[str, str], messages: dict[str, str]) -> str:
     if len(options) == 1:
-        return messages["clarify_one"].format(option=descriptions[options[0]])
+        return messages["clarify_one"].replace("{option}", descriptions[options[0]])
     numbered = [f"{n}) {descriptions[i]}" for n, i in enumerate(options, 1)]
     listed = ", ".join(numbered[:-1]) + ", or " + numbered[-1]
-    return messages["clarify_many"].format(options=listed)
+    return messages["clarify_many"].replace("{options}", listed)

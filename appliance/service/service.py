@@ -17,8 +17,45 @@ from .keys import KeyStore
 from .limits import RateLimiter
 from .metrics import Metrics
 from .model import resolve_model
+from .labeling import Labeler
 from .prompting import ChatTemplate
 from .waiting import ClientGone, wait_result
+
+
+# Used only when neither the settings nor the build give a threshold (a bare .gguf): measured on the shipped adapter's
+# validation split before calibration, 0.80 answered 85% of banking queries at 97% accuracy.
+DEFAULT_THRESHOLD = 0.80
+
+
+def load_answers(settings: Settings, files):
+    """The approved-answer library: settings.answers_file, else the build's, else the shipped default; checked
+    against the model's labels and filled with the bank facts."""
+    from ..answers import AnswerLibrary, default_answers_file
+    from ..artifacts import ANSWERS_FILE
+
+    if not files.labels:
+        return None
+    path = settings.answers_file
+    if path is None and files.build_dir is not None and (files.build_dir / ANSWERS_FILE).is_file():
+        path = files.build_dir / ANSWERS_FILE
+    return AnswerLibrary.load(path or default_answers_file(), files.labels, settings.bank_facts)
+
+
+def load_calibration(files) -> dict:
+    """{"temperature": T, "threshold": t} from the build's task file (empty when it has none)."""
+    import json
+
+    from ..artifacts import TASK_FILE
+
+    here = files.build_dir or files.gguf.parent
+    path = here / TASK_FILE
+    if not path.is_file():
+        return {}
+    task = json.loads(path.read_text())
+    out = dict(task.get("calibration") or {})
+    if task.get("threshold") is not None:
+        out["threshold"] = float(task["threshold"])
+    return out
 
 
 def real_engine(settings: Settings, gguf):
@@ -33,6 +70,7 @@ def real_engine(settings: Settings, gguf):
 class Classification:
     intent: str
     confidence: float
+    in_scope: bool
 
 
 @dataclasses.dataclass
@@ -60,27 +98,27 @@ class Service:
         self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s)
         self.labels: list[str] = self.files.labels
         self.label_set = set(self.labels)
+        self.answers = load_answers(settings, self.files)  # refused here, before the model loads, if incomplete
+        calibration = load_calibration(self.files)
+        self.temperature = calibration.get("temperature", 1.0)
+        self.threshold = settings.answer_threshold if settings.answer_threshold is not None else \
+            calibration.get("threshold", DEFAULT_THRESHOLD)
         self.metrics = Metrics()
         self.engine_factory = engine_factory or real_engine
         self.engine = None  # set by start(): loading the model is the lifespan's job, not the constructor's
         self.template: ChatTemplate | None = None
-        self.label_choices = None
-        self.label_max_tokens = 0
+        self.labeler = None  # constrained label decoding (labeling.py), made once the engine has a vocabulary
         self.ready = False
         self.created = int(time.time())
         self.known_routes: set[str] = set()
 
     def start(self) -> None:
         """Load the model and build what depends on its vocabulary."""
-        from .engine import Choices
-
         self.engine = self.engine_factory(self.settings, self.files.gguf)
         self.metrics.bind_engine(self.engine)
         self.template = ChatTemplate(self.engine.chat_template(), self.engine.bos_token, self.engine.eos_token)
         if self.labels:
-            sequences = [self.engine.tokenize(x, special=False) for x in self.labels]
-            self.label_choices = Choices(sequences)
-            self.label_max_tokens = max(len(x) for x in sequences) + 1
+            self.labeler = Labeler(self.engine, self.template, self.labels, self.files.system_prompt, self.temperature)
 
     async def warm_up(self) -> None:
         """Answer one token before declaring ready."""
@@ -133,17 +171,14 @@ class Service:
         self.metrics.completion_tokens.inc(done.completion_tokens if done is not None else 0)
         record.add(done, prompt, n_prompt)
 
-    async def classify(self, request, record, texts: list[str]) -> list | None:
-        """The label and its confidence for each text (None when the client went away); every answer is a label."""
-        from .engine import GenParams
-        from .prompting import classify_messages
-
-        params = GenParams(max_tokens=self.label_max_tokens, temperature=0.0, choices=self.label_choices)
-        prepared = []
-        for text in texts:
-            _, tokens = self.render(classify_messages(text))
-            self.engine.check_fits(len(tokens), self.label_max_tokens, "text")
-            prepared.append(tokens)
+    async def label(self, request, record, texts: list[str], rank: bool = False) -> list | None:
+        """Constrained label decoding of each text through the classify prompt (calibrated); the engine's Done for
+        each, or None when the client went away. Every answer is a label."""
+        if self.labeler is None:
+            raise APIError("this model has no label set, so it cannot classify; serve a build made from a "
+                           "classification adapter", status=404, code="no_labels")
+        params = self.labeler.params(rank=rank)
+        prepared = [self.labeler.tokens(text) for text in texts]
         handles = [self.engine.submit(tokens, params, record.key_id) for tokens in prepared]
         try:
             results = await asyncio.gather(*(wait_result(request, h, self.settings.request_timeout_s) for h in handles))
@@ -155,13 +190,32 @@ class Service:
             for h in handles:
                 h.cancel()
             raise
-        out = []
         for text, done in zip(texts, results):
             self.account(record, done, text)
             if done.text not in self.label_set:  # the label trie makes this impossible; refuse rather than invent
                 raise APIError(f"classification produced no valid label (finish: {done.finish_reason})", status=500)
-            out.append(Classification(done.text, done.probability or 0.0))
-        return out
+        return results
+
+    async def classify(self, request, record, texts: list[str]) -> list | None:
+        """Intent, calibrated confidence and whether the assistant would answer it, for each text."""
+        results = await self.label(request, record, texts)
+        if results is None:
+            return None
+        return [Classification(d.text, d.probability or 0.0, self.in_scope(d.text, d.probability or 0.0))
+                for d in results]
+
+    async def rank(self, request, record, text: str) -> list | None:
+        """The likeliest intents for `text`, best first, with calibrated probabilities."""
+        results = await self.label(request, record, [text], rank=True)
+        if results is None:
+            return None
+        done = results[0]
+        return list(done.candidates or [(done.text, done.probability or 0.0)])
+
+    def in_scope(self, intent: str, confidence: float) -> bool:
+        from .assistant import OUT_OF_SCOPE
+
+        return intent != OUT_OF_SCOPE and confidence >= self.threshold
 
     # -- the banking assistant -----------------------------------------------------------------------------------
 
@@ -171,6 +225,9 @@ class Service:
         from . import assistant as a
 
         lib = self.answers
+        if lib is None:
+            raise APIError("this model has no label set, so the assistant has no intents to answer; serve a build "
+                           "made from a classification adapter", status=404, code="no_labels")
         if conv.pending:
             picked = a.resolve_choice(message, conv.pending, lib.descriptions)
             if picked == a.OUT_OF_SCOPE:

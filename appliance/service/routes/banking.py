@@ -37,7 +37,8 @@ async def bank_chat(request: Request, data: BankChatRequest, svc: Service, recor
     return Response(body)
 
 
-@post("/api/v1/classify", status_code=200, summary="Classify text into the model's intent labels")
+@post("/api/v1/classify", status_code=200, summary="Classify text into the model's intent labels, with calibrated "
+      "confidence and whether it is in scope")
 async def classify(request: Request, data: ClassifyRequest, svc: Service, record: RequestRecord) -> Response:
     start = time.perf_counter()
     if (data.text is None) == (data.texts is None):
@@ -46,7 +47,7 @@ async def classify(request: Request, data: ClassifyRequest, svc: Service, record
     results = await svc.classify(request, record, texts)
     if results is None:
         return Response(b"", status_code=499)
-    out = [{"intent": r.intent, "confidence": round(r.confidence, 4)} for r in results]
+    out = [{"intent": r.intent, "confidence": round(r.confidence, 4), "in_scope": r.in_scope} for r in results]
     latency = round((time.perf_counter() - start) * 1000, 1)
     body = {**out[0], "latency_ms": latency} if data.text is not None else {"results": out, "latency_ms": latency}
     return Response(body)
