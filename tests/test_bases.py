@@ -190,6 +190,23 @@ def test_family_builds_end_to_end(family, tiny_settings, tmp_path):
     assert mf.parse(parsed.to_string()) == parsed
 
 
+def _train_tiny(base: Path, tmp_path: Path, chat_template: str) -> Path:
+    """Two steps of the real trainer (peft) on a few classification rows, for the adapter it writes."""
+    from appliance.training.train import TrainConfig, train
+
+    rows = ["text,category"] + [f"where is my card {i},card_arrival" if i % 2 else f"payment {i} declined,declined_card_payment"
+                                for i in range(16)]
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join(rows) + "\n")
+    cfg = TrainConfig(data=data, out=tmp_path / "trained", base=base, base_name=base.name, method="peft", max_steps=2,
+                      batch_size=4, forgetting=False, threads=1, val_fraction=0.25, val_limit=2, max_seq_len=256,
+                      chat_template=chat_template)
+    result = train(cfg, progress=False)
+    assert result.report["replay"] is None  # a base without a chat template has no chat answers of its own to replay
+    assert result.report["hyperparameters"]["chat_template"] == chat_template
+    return result.out
+
+
 @pytest.mark.slow
 def test_base_without_chat_template_takes_a_chosen_one(tiny_settings, tmp_path):
     from appliance.errors import ConfigError, InputError, UnsupportedModelError
@@ -208,12 +225,11 @@ def test_base_without_chat_template_takes_a_chosen_one(tiny_settings, tmp_path):
     with pytest.raises(ConfigError, match="has its own chat template"):
         _build(tiny_settings, templated, None, tmp_path / "refused", chat_template="chatml")
 
-    # The adapter records the template it was trained with (as `bankllm train --chat-template` does): the build
-    # takes it from there, and refuses a different --chat-template.
-    trained = tmp_path / "adapter"
-    shutil.copytree(adapter, trained)
-    task = {"system_prompt": "x", "labels": None, "chat_template": mf.resolve_chat_template("gemma").as_dict()}
-    (trained / "bankllm-task.json").write_text(json.dumps(task))
+    # `bankllm train --chat-template gemma` gives the tokenizer that template and records it in the adapter's task
+    # file; the build takes it from there, and refuses a different --chat-template.
+    trained = _train_tiny(plain, tmp_path, "gemma")
+    task = json.loads((trained / "bankllm-task.json").read_text())
+    assert task["chat_template"]["choice"] == "gemma" and task["chat_template"]["family"] == "gemma"
     with pytest.raises(InputError, match="trained with chat template gemma"):
         _build(tiny_settings, plain, trained, tmp_path / "refused", chat_template="chatml")
     result = _build(tiny_settings, plain, trained, tmp_path / "build")
@@ -246,3 +262,12 @@ def test_support_is_derived_from_the_converter_and_transformers(tmp_path):
         supported_architecture("OPTForCausalLM")  # transformers has it, llama.cpp's converter does not
     with pytest.raises(UnsupportedModelError, match="not a causal language model"):
         supported_architecture("BertModel")  # the converter has it (embeddings), it is no generator
+
+
+def test_build_command_takes_chat_template():
+    from click.testing import CliRunner
+
+    from appliance.cli.build_cmd import build
+
+    result = CliRunner().invoke(build, ["--help"])
+    assert result.exit_code == 0 and "--chat-template" in result.output

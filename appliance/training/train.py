@@ -74,7 +74,9 @@ class TrainConfig:
         """Hash of the fields that must match for --resume to continue a checkpoint."""
         skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting",
                 "cache_dir"}
-        d = {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        # An unset chat_template stays out, so keys (and cached adapters) from before the field existed still match.
+        d = {k: str(v) for k, v in dataclasses.asdict(self).items()
+             if k not in skip and not (k == "chat_template" and v is None)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def ckpt_dir(self) -> Path:
