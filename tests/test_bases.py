@@ -32,8 +32,8 @@ FAMILIES = {
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "gemma", {"sliding_window": 32}),
 }
 # Every family's turn markers, so each is one piece of the shared vocabulary (as in the real tokenizers).
-MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-           "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "[INST]", "[/INST]"]
+MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
+           "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "[INST]", "[/INST]"]
 BOS, EOS, PAD = 1, 2, 3
 
 
@@ -194,8 +194,8 @@ def _train_tiny(base: Path, tmp_path: Path, chat_template: str) -> Path:
     """Two steps of the real trainer (peft) on a few classification rows, for the adapter it writes."""
     from appliance.training.train import TrainConfig, train
 
-    rows = ["text,category"] + [f"where is my card {i},card_arrival" if i % 2 else f"payment {i} declined,declined_card_payment"
-                                for i in range(16)]
+    rows = ["text,category"] + [f"where is my card {i},card_arrival" if i % 2 else
+                                f"payment {i} declined,declined_card_payment" for i in range(16)]
     data = tmp_path / "data.csv"
     data.write_text("\n".join(rows) + "\n")
     cfg = TrainConfig(data=data, out=tmp_path / "trained", base=base, base_name=base.name, method="peft", max_steps=2,

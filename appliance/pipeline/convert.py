@@ -46,9 +46,7 @@ def converter_registry() -> Callable[[str], str]:
     def lookup(arch: str) -> str:
         try:
             model_class = get_model_class(arch)
-        except NotImplementedError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a listed module that fails to import (optional dependency)
+        except (ImportError, KeyError) as exc:  # listed, but its module fails to import or does not register it
             raise NotImplementedError(f"{arch}: {exc}") from None
         return gguf.MODEL_ARCH_NAMES[model_class.model_arch]
 

@@ -59,12 +59,11 @@ def with_chat_template(hf_dir: Path, chat_template: str, out_dir: Path) -> Path:
 
 def set_chat_template(hf_dir: Path, chat_template: str) -> None:
     """Write the template where transformers and llama.cpp's converter read it (a tokenizer_config key wins)."""
+    # Atomic writes rename over a link into the base (with_chat_template) rather than write through it.
     hf_dir = Path(hf_dir)
-    (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
     write_text_atomic(hf_dir / "chat_template.jinja", chat_template)
     config_path = hf_dir / "tokenizer_config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
         config["chat_template"] = chat_template
-        config_path.unlink()  # may be a link into the base: never write through it
         write_json_atomic(config_path, config)
