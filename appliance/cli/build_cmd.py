@@ -18,13 +18,15 @@ from ..settings import Settings
 @click.option("--out", type=click.Path(path_type=Path), help="Build directory (default: <data dir>/builds/<build id>).")
 @click.option("--force", is_flag=True, help="Ship an explicit --quant even if it fails the gate (recorded in the report).")
 @click.option("--config", type=click.Path(path_type=Path), help="bankllm TOML settings file.")
-def build(base, adapter, adapter_sha256, quant, ppl_text, out, force, config):
+@click.option("--chat-template", help="For a base without one: chatml, llama3, gemma (also phi3, mistral) or a Jinja FILE.")
+def build(base, adapter, adapter_sha256, quant, ppl_text, out, force, config, chat_template):
     """Merge an adapter into the 16-bit base, convert, quantize behind the quality gate, write a Modelfile."""
     from ..pipeline.build import run_build
 
     settings = Settings.load(config=config)
     result = run_build(settings, base=base, adapter=adapter, adapter_sha256=adapter_sha256, quant=quant,
-                       ppl_text=ppl_text, out=out, force=force)
+                       ppl_text=ppl_text, out=out, force=force,
+                       chat_template=chat_template)
     chosen = result.report["chosen"]
     click.echo(f"build {result.build_id}: {chosen['model']} {result.report['verdict']} "
                f"(ppl {chosen['ppl_increase']:+.2%} vs f16, KLD {chosen['mean_kld']:.4f}, "

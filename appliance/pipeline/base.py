@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,12 @@ PROVENANCE_FILE = "bankllm-base.json"
 # Bump when the way the default base is made changes: an older cached copy is then made again.
 BASE_RECIPE = 2
 
-# Architectures llama.cpp's converter and libllama both handle, that we have exercised or that share
-# the Llama tensor layout. Anything else is refused up front rather than failing deep in the converter.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
-}
+# Families run end to end on tiny checkpoints by tests/test_bases.py (inspect, merge, convert, quantize, load in
+# libllama, Modelfile). Support itself is derived (supported_architecture), not listed: this names the tested ones.
+TESTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+)
 
 
 @dataclass
@@ -32,10 +33,39 @@ class BaseInfo:
     vocab_size: int
     chat_template: str | None
     provenance: dict
+    gguf_architecture: str = ""
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "architecture": self.architecture, "model_type": self.model_type,
-                "dtype": self.dtype, "vocab_size": self.vocab_size, "provenance": self.provenance}
+                "gguf_architecture": self.gguf_architecture, "dtype": self.dtype, "vocab_size": self.vocab_size,
+                "provenance": self.provenance}
+
+
+@functools.cache
+def supported_architecture(arch: str) -> str:
+    """The GGUF architecture llama.cpp's converter writes for HF architecture `arch`; raise if a step cannot take it.
+
+    Supported = registered in the converter's own ModelBase registry (text models) and a causal LM that
+    transformers loads with AutoModelForCausalLM (what merge.py and peft need). The registry is read by
+    importing the converter's `conversion` package, as convert_hf_to_gguf.py does, without running it.
+    """
+    if not arch:
+        raise UnsupportedModelError("the base's config.json names no architecture",
+                                    "set \"architectures\" in config.json, e.g. [\"LlamaForCausalLM\"]")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .convert import converter_registry
+
+    registry = converter_registry()
+    tested = ", ".join(a.removesuffix("ForCausalLM") for a in TESTED_ARCHITECTURES)
+    if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise UnsupportedModelError(f"architecture {arch} is not a causal language model transformers can load",
+                                    f"use a text-generation base (tested: {tested})")
+    try:
+        return registry(arch)
+    except NotImplementedError:
+        raise UnsupportedModelError(f"llama.cpp's converter cannot convert architecture {arch}",
+                                    f"use a base whose architecture it registers (tested: {tested})") from None
 
 
 def embedded_gguf() -> Path:
@@ -135,9 +165,11 @@ def inspect_base(base_dir: Path) -> BaseInfo:
         raise InputError(f"{config_path} is not valid JSON ({exc})", "restore the checkpoint from its source") from None
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(f"architecture {arch or '(none)'} of {base_dir} is not supported",
-                                    f"use a base of one of: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+    if arch and not config.get("model_type"):
+        # transformers (merge) finds a model's classes by model_type; without it nothing past here can load it.
+        raise InputError(f"architecture {arch} of {base_dir} cannot be loaded: config.json has no model_type",
+                         "restore config.json from the checkpoint's source")
+    gguf_arch = supported_architecture(arch)
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
     if dtype and dtype not in ("bfloat16", "float16", "float32"):
         raise UnsupportedModelError(f"base {base_dir} is stored as {dtype}, not 16-bit",
@@ -156,7 +188,8 @@ def inspect_base(base_dir: Path) -> BaseInfo:
     if (base_dir / PROVENANCE_FILE).is_file():
         provenance = json.loads((base_dir / PROVENANCE_FILE).read_text())
     return BaseInfo(path=base_dir, architecture=arch, model_type=config.get("model_type", ""), dtype=dtype,
-                    vocab_size=int(config.get("vocab_size", 0)), chat_template=chat_template, provenance=provenance)
+                    vocab_size=int(config.get("vocab_size", 0)), chat_template=chat_template, provenance=provenance,
+                    gguf_architecture=gguf_arch)
 
 
 def check_safetensors(directory: Path) -> list[Path]:

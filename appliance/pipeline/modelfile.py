@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,16 +146,65 @@ def _check_type(name: str, value: str, line_no: int) -> None:
                          "fix the value") from None
 
 
+# Each family's markers in a tokenizer's Jinja template (a template names its turn tokens as literals), checked in
+# this order; all must occur (Zephyr also writes <|assistant|>, but ends turns with </s>, not Phi-3's <|end|>).
+# modelfiles/<family>.Modelfile holds the family's Ollama template, <family>.jinja a tokenizer template for it.
+FAMILY_MARKERS = (
+    ("chatml", ("<|im_start|>", "<|im_end|>")),
+    ("llama3", ("<|start_header_id|>", "<|eot_id|>")),
+    ("gemma", ("<start_of_turn>", "<end_of_turn>")),
+    ("phi3", ("<|assistant|>", "<|end|>")),
+    ("mistral", ("[INST]", "[/INST]")),
+)
+
+
 def template_family(chat_template: str | None) -> str:
     """Name the chat-template family of a tokenizer's Jinja template."""
     if not chat_template:
-        raise UnsupportedModelError("the base has no chat template", "use an instruct/chat base whose tokenizer has one")
-    if "<|im_start|>" in chat_template:
-        return "chatml"
-    if "<|start_header_id|>" in chat_template:
-        return "llama3"
+        raise UnsupportedModelError("the base has no chat template",
+                                    f"pass --chat-template with one of {', '.join(families())} or a Jinja FILE")
+    for family, markers in FAMILY_MARKERS:
+        if all(m in chat_template for m in markers):
+            return family
     raise UnsupportedModelError("the base's chat template is of an unknown family",
                                 f"add a template for it under {modelfiles_dir()}")
+
+
+def families() -> list[str]:
+    """The families a base without a chat template can be given by name (those with a shipped .jinja)."""
+    return [f for f, _ in FAMILY_MARKERS if (modelfiles_dir() / f"{f}.jinja").is_file()]
+
+
+@dataclass
+class ChatTemplate:
+    """A chat template chosen for a base that has none: a family name or a Jinja file, and its text."""
+
+    choice: str
+    family: str
+    template: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.template.encode()).hexdigest()
+
+    def as_dict(self) -> dict:
+        return {"choice": self.choice, "family": self.family, "sha256": self.sha256, "template": self.template}
+
+
+def resolve_chat_template(choice: str) -> ChatTemplate:
+    """`chatml`, `llama3`, `gemma`, ... (a shipped template) or the path of a Jinja file of a known family."""
+    if choice in families():
+        text = (modelfiles_dir() / f"{choice}.jinja").read_text()
+        return ChatTemplate(choice, choice, text)
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise InputError(f"chat template {choice!r} is neither a known family nor a file",
+                         f"use one of {', '.join(families())}, or the path of a Jinja template")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"chat template {path} is not UTF-8 text", "convert it to UTF-8") from None
+    return ChatTemplate(str(path), template_family(text), text)
 
 
 def family_modelfile(family: str) -> Modelfile:

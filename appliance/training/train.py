@@ -66,12 +66,17 @@ class TrainConfig:
     init_adapter: Path | None = None        # start from this adapter's weights instead of a fresh LoRA (peft path)
     replay: bool = True                     # classification data: mix in the base's own general answers (replay.py)
     cache_dir: Path | None = None           # where the replayed answers are cached (per base)
+    chat_template: str | None = field(default=None, metadata={"help": (
+        "For a base without a chat template (a plain pretrained model): chatml, llama3, gemma (also phi3, mistral) "
+        "or a Jinja FILE; recorded in the adapter, and `bankllm build` uses it.")})
 
     def key(self) -> str:
         """Hash of the fields that must match for --resume to continue a checkpoint."""
         skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting",
                 "cache_dir"}
-        d = {k: str(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        # An unset chat_template stays out, so keys (and cached adapters) from before the field existed still match.
+        d = {k: str(v) for k, v in dataclasses.asdict(self).items()
+             if k not in skip and not (k == "chat_template" and v is None)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def ckpt_dir(self) -> Path:
@@ -101,6 +106,20 @@ def select_method(method: str, installed: bool | None = None) -> str:
         raise ConfigError("--method unsloth was asked for but unsloth is not installed",
                           "pip install 'bankllm[gpu]' (unsloth==2026.10.9), or use --method peft")
     return method
+
+
+def apply_chat_template_choice(cfg: TrainConfig, tokenizer) -> dict | None:
+    """Give a base without a chat template the one cfg.chat_template names; return its record, None if no choice."""
+    if not cfg.chat_template:
+        return None
+    from ..pipeline.modelfile import resolve_chat_template
+
+    if getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"base {cfg.base} has its own chat template; --chat-template is for bases without one",
+                          "drop --chat-template")
+    chosen = resolve_chat_template(cfg.chat_template)
+    tokenizer.chat_template = chosen.template
+    return chosen.as_dict()
 
 
 # --- data preparation -----------------------------------------------------------------------
@@ -243,7 +262,12 @@ def save_adapter(model, tokenizer, dest: Path, cfg: TrainConfig, labels: list[st
         write_json_atomic(cfg_path, adapter_cfg)
         if labels is not None:
             write_json_atomic(tmp / LABELS_FILE, labels)
-        write_json_atomic(tmp / TASK_FILE, {"system_prompt": cfg.system_prompt, "labels": LABELS_FILE if labels else None})
+        task = {"system_prompt": cfg.system_prompt, "labels": LABELS_FILE if labels else None}
+        if cfg.chat_template:
+            from ..pipeline.modelfile import resolve_chat_template
+
+            task["chat_template"] = resolve_chat_template(cfg.chat_template).as_dict()
+        write_json_atomic(tmp / TASK_FILE, task)
         (tmp / "README.md").write_text(model_card(cfg, labels))  # peft's boilerplate card says nothing true
         for name, obj in (extra or {}).items():
             if isinstance(obj, Path):
@@ -279,11 +303,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     random.seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    chosen_template = apply_chat_template_choice(cfg, tokenizer)
     require_chat_template(tokenizer, cfg.base)
     train_set, val_set, report, labels = prepare(cfg, tokenizer)
     n_train = len(train_set)
     replay_info = None
-    if cfg.replay and labels is not None:
+    if chosen_template is not None and cfg.replay and labels is not None:
+        # Replay keeps the base's own chat answers; a base with no chat template has none to keep.
+        log.info("replay: skipped, the base has no chat template of its own")
+    elif cfg.replay and labels is not None:
         from .replay import base_answers, mix
 
         replay = [e for e in base_answers(cfg.base, cfg.cache_dir, threads=cfg.threads)
