@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import LABELS_FILE, TASK_FILE
+from ..artifacts import TRAIN_REPORT_FILE as REPORT_FILE
 from ..errors import ConfigError, InputError
 from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic
 from .data import (CLASSIFY_SYSTEM_PROMPT, DataReport, Example, load_examples, load_labels, render_ids,
@@ -25,9 +27,6 @@ log = logging.getLogger("bankllm.train")
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("auto", "unsloth", "peft")
-REPORT_FILE = "train-report.json"
-LABELS_FILE = "labels.json"
-TASK_FILE = "bankllm-task.json"
 
 
 @dataclass
