@@ -253,7 +253,7 @@ def save_adapter(model, tokenizer, dest: Path, cfg: TrainConfig, labels: list[st
 
 def model_card(cfg: TrainConfig, labels: list[str] | None) -> str:
     """A short, true README for the adapter directory."""
-    task = f"intent classification over {len(labels)} labels (labels.json)" if labels else "chat fine-tuning"
+    task = f"intent classification over {len(labels)} labels ({LABELS_FILE})" if labels else "chat fine-tuning"
     return (f"# LoRA adapter for {cfg.base_name or Path(cfg.base).name}\n\n"
             f"Task: {task}. System prompt: \"{cfg.system_prompt}\"; the user turn is the customer's text, the "
             f"assistant turn the label.\n\nTrained by `bankllm train` (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, "
