@@ -52,6 +52,10 @@ class DataError(BankllmError):
     """Training or evaluation data failed validation."""
 
 
+class LabelsError(InputError, DataError):
+    """A label file is missing, malformed or repeats a label (an input to build and serve, data to training)."""
+
+
 class FetchError(BankllmError):
     """A URL could not be fetched."""
 

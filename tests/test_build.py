@@ -217,6 +217,30 @@ def test_killed_build_leaves_nothing_finished_and_rerun_completes(base_dir, lora
     assert not list((tmp_path / "data" / "work").glob("*")), "the work directory is cleaned after success"
 
 
+def test_build_carries_the_adapters_labels_and_task(base_dir, lora_adapter, tmp_path):
+    """The adapter's task file (its classify prompt) and labels land in the build, where the service reads them."""
+    from appliance.artifacts import BuildDir, Task, read_task, write_labels, write_task
+    from appliance.service.model import resolve_model
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    write_labels(adapter / "classes.json", ["card_arrival", "top_up"])
+    task = Task(system_prompt="Name the banking intent.", labels="classes.json", threshold=0.8)
+    write_task(adapter / "bankllm-task.json", task)
+    env = dict(os.environ, BANKLLM_DATA_DIR=str(tmp_path / "data"), BANKLLM_GATE_MAX_CHUNKS="2")
+    out = tmp_path / "out"
+    proc = run_cli("build", "--base", base_dir, "--adapter", adapter, "--quant", "Q8_0", "--out", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    build = BuildDir(out)
+    assert read_task(out / "bankllm-task.json") == Task("Name the banking intent.", "labels.json", threshold=0.8)
+    assert build.labels() == ["card_arrival", "top_up"]
+    outputs = build.report()["outputs"]
+    assert outputs["bankllm-task.json"] == sha256_file(out / "bankllm-task.json")
+    assert outputs["labels.json"] == sha256_file(out / "labels.json")
+    files = resolve_model(out)
+    assert files.system_prompt == "Name the banking intent." and files.labels == ["card_arrival", "top_up"]
+
+
 # --- adapter sources -------------------------------------------------------------------------------------
 
 def _tar(adapter: Path, dest: Path) -> Path:
@@ -269,6 +293,14 @@ def _bad_adapter_cases(lora_adapter: Path, base_dir: Path, tmp: Path) -> dict:
     cfg["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B-Instruct"
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     cases["other base by name"] = (["--adapter", other], "made for base")
+    bad_task = tmp / "bad-task"
+    shutil.copytree(lora_adapter, bad_task)
+    (bad_task / "bankllm-task.json").write_text(json.dumps({"system_prompt": "Classify.", "threshold": 2}))
+    cases["bad task file"] = (["--adapter", bad_task], "threshold must be a number from 0 to 1")
+    repeated = tmp / "repeated-label"
+    shutil.copytree(lora_adapter, repeated)
+    (repeated / "labels.json").write_text(json.dumps(["card_arrival", "card_arrival"]))
+    cases["repeated label"] = (["--adapter", repeated], "lists a label twice")
     return cases
 
 

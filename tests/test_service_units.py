@@ -105,11 +105,21 @@ def test_default_labels_are_banking77():
     assert len(labels) == len(set(labels)) == 77 and "card_arrival" in labels
 
 
-def test_classify_prompt_matches_training():
-    from appliance.service.prompting import CLASSIFY_SYSTEM
+def test_classify_prompt_comes_from_the_task_file(tmp_path):
+    """The service classifies with the prompt the adapter was trained with: the build's task file, else the default."""
+    from appliance.artifacts import TASK_FILE, Task, write_task
+    from appliance.service.prompting import classify_messages
     from appliance.training.data import CLASSIFY_SYSTEM_PROMPT
 
-    assert CLASSIFY_SYSTEM == CLASSIFY_SYSTEM_PROMPT
+    bare = resolve_model(default_gguf())
+    assert bare.task is None and bare.system_prompt == CLASSIFY_SYSTEM_PROMPT
+    (tmp_path / "model.gguf").symlink_to(default_gguf())
+    write_task(tmp_path / TASK_FILE, Task(system_prompt="Name the customer's intent.", labels=None))
+    files = resolve_model(tmp_path)
+    assert files.system_prompt == "Name the customer's intent."
+    assert classify_messages("lost card", files.system_prompt)[0] == {"role": "system",
+                                                                      "content": "Name the customer's intent."}
+    assert len(files.labels) == 77  # a task without labels keeps the shipped Banking77 set, as before
 
 
 def test_keys_file_from_systemd_credentials(tmp_path):

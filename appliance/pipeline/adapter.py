@@ -12,13 +12,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterDir, Task
 from ..errors import AdapterMismatchError, ChecksumError, FetchError, InputError
 from ..fsutil import atomic_dir, atomic_path, sha256_file
 from .base import BaseInfo, check_safetensors
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-LABELS_FILE = "labels.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
@@ -31,9 +29,16 @@ class Adapter:
     config: dict
 
     @property
+    def dir(self) -> AdapterDir:
+        return AdapterDir(self.path)
+
+    @property
     def labels(self) -> list[str] | None:
-        path = self.path / LABELS_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self.dir.labels()
+
+    @property
+    def task(self) -> Task | None:
+        return self.dir.task()
 
     def as_dict(self) -> dict:
         return {"source": self.source, "kind": self.kind, "sha256": self.sha256, "path": str(self.path),
@@ -52,13 +57,13 @@ def resolve_adapter(src: str, expected_sha256: str | None, cache_dir: Path, time
     if not path.exists():
         raise InputError(f"adapter {src} does not exist", "pass a PEFT adapter directory, a .tar.gz/.zip of one, or an http(s) URL")
     if path.is_dir():
-        weights = path / ADAPTER_WEIGHTS
+        weights = AdapterDir(path).weights
         if not weights.is_file():
             raise InputError(f"adapter directory {path} has no {ADAPTER_WEIGHTS}",
                              "pass the directory that peft's save_pretrained wrote")
         digest = sha256_file(weights)
         _verify(digest, expected, f"{weights}")
-        return Adapter(path=path, source=src, kind="dir", sha256=digest, config=_read_config(path))
+        return Adapter(path=path, source=src, kind="dir", sha256=digest, config=AdapterDir(path).config())
     if path.name.endswith(ARCHIVE_SUFFIXES):
         return _from_archive(path, src, "archive", expected, cache_dir)
     raise InputError(f"adapter {src} is neither a directory nor a .tar/.tar.gz/.zip archive",
@@ -107,7 +112,7 @@ def _from_archive(archive: Path, source: str, kind: str, expected: str | None, c
             _safe_extract(archive, tmp)
             (tmp / ".complete").write_text(digest + "\n")
     root = _find_adapter_root(dest)
-    return Adapter(path=root, source=source, kind=kind, sha256=digest, config=_read_config(root))
+    return Adapter(path=root, source=source, kind=kind, sha256=digest, config=AdapterDir(root).config())
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -137,19 +142,6 @@ def _find_adapter_root(directory: Path) -> Path:
     return min(hits, key=lambda p: len(p.parts))
 
 
-def _read_config(path: Path) -> dict:
-    cfg_path = path / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise InputError(f"adapter {path} has no {ADAPTER_CONFIG}", "pass the directory that peft's save_pretrained wrote")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{cfg_path} is not valid JSON ({exc})", "restore the adapter from its source") from None
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise InputError(f"adapter {path} is a {config.get('peft_type')!r} adapter, not LoRA", "pass a LoRA adapter")
-    return config
-
-
 def _norm_name(name: str | None) -> str:
     """Compare base names by their last component, without a trailing content hash bankllm adds."""
     last = Path(str(name or "").rstrip("/")).name.lower()
@@ -175,7 +167,7 @@ def check_adapter_fits(adapter: Adapter, base: BaseInfo) -> None:
         with safe_open(path, framework="numpy") as f:
             for key in f.keys():
                 base_shapes[key] = tuple(f.get_slice(key).get_shape())
-    weights = adapter.path / ADAPTER_WEIGHTS
+    weights = adapter.dir.weights
     if not weights.is_file():
         raise InputError(f"adapter {adapter.path} has no {ADAPTER_WEIGHTS}", "pass the directory peft's save_pretrained wrote")
     check_safetensors(adapter.path)

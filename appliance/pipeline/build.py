@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -11,12 +12,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .. import __version__
-from ..artifacts import TASK_FILE
+from ..artifacts import (LABELS_FILE, MODEL_FILE, MODELFILE_FILE, REPORT_SCHEMA, TASK_FILE, BuildDir, read_report,
+                         write_labels, write_report, write_task)
 from ..errors import ConfigError, GateRefusedError, InputError
 from ..fsutil import atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree
 from ..resources import default_adapter_dir, default_gate_text
 from ..settings import Settings
-from .adapter import LABELS_FILE, Adapter, check_adapter_fits, resolve_adapter
+from .adapter import Adapter, check_adapter_fits, resolve_adapter
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
 from .gate import Gate
@@ -24,10 +26,6 @@ from .merge import merge_adapter, with_chat_template
 from .modelfile import resolve_chat_template, template_family, write_modelfile
 from .progress import Progress
 from .quantize import FTYPES, quantize
-from .report import REPORT_NAME, SCHEMA, read_report, write_report
-
-MODEL_NAME = "model.gguf"
-MODELFILE_NAME = "Modelfile"
 
 
 @dataclass
@@ -39,7 +37,7 @@ class BuildResult:
 
     @property
     def model(self) -> Path:
-        return self.out_dir / MODEL_NAME
+        return BuildDir(self.out_dir).model
 
 
 def run_build(settings: Settings, base: Path | None = None, adapter: str | None = None,
@@ -62,6 +60,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     if lora is not None:
         check_adapter_fits(lora, base_info)
     template, template_record = _chat_template(base_info, chat_template, lora)
+    # Read (and so check) what the build ships beside the model before any heavy work.
+    labels = lora.labels if lora else None
+    task = lora.task if lora else None
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -77,16 +78,18 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     }
     if template_record["source"] != "base":  # a chosen template changes the GGUF and the Modelfile
         inputs["chat_template_sha256"] = template_record["sha256"]
+    if lora is not None and (contract := lora.dir.contract_digests()):
+        inputs["adapter_files_sha256"] = contract  # a directory adapter's sha256 covers its weights only
     digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
     build_id = digest[:12]
     out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
     remove_stale_temps(out_dir.parent)
-    if (out_dir / REPORT_NAME).is_file():
+    if BuildDir(out_dir).report_file.is_file():
         try:
             existing = read_report(out_dir)
         except InputError:
             existing = None
-        if existing and existing["inputs_digest"] == digest and (out_dir / MODEL_NAME).is_file():
+        if existing and existing["inputs_digest"] == digest and BuildDir(out_dir).model.is_file():
             progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
             return BuildResult(out_dir, build_id, existing, reused=True)
 
@@ -170,14 +173,18 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                 "try --quant auto or a higher-bit --quant, or --force to ship it anyway (recorded in the report)")
 
     # 5. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
-    labels = lora.labels if lora else None
     with atomic_dir(out_dir) as tmp:
-        _link_or_copy(work / chosen["file"], tmp / MODEL_NAME)
-        write_modelfile(tmp / MODELFILE_NAME, template, settings.system_prompt, settings.seq_ctx)
+        _link_or_copy(work / chosen["file"], tmp / MODEL_FILE)
+        write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
+        outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
         if labels:
-            (tmp / LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
+            write_labels(tmp / LABELS_FILE, labels)
+            outputs[LABELS_FILE] = sha256_file(tmp / LABELS_FILE)
+        if task is not None:  # the service takes its classify prompt (and later calibration) from here
+            write_task(tmp / TASK_FILE, dataclasses.replace(task, labels=LABELS_FILE if labels else None))
+            outputs[TASK_FILE] = sha256_file(tmp / TASK_FILE)
         report = {
-            "schema": SCHEMA, "build_id": build_id, "inputs_digest": digest,
+            "schema": REPORT_SCHEMA, "build_id": build_id, "inputs_digest": digest,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "bankllm_version": __version__,
             "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
@@ -189,7 +196,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                      "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
             "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
             "warnings": warnings, "labels": {"file": LABELS_FILE, "count": len(labels)} if labels else None,
-            "outputs": {MODEL_NAME: chosen["sha256"], MODELFILE_NAME: sha256_file(tmp / MODELFILE_NAME)},
+            "outputs": outputs,
             "versions": inputs["versions"],
         }
         write_report(tmp, report)

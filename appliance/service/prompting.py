@@ -7,14 +7,12 @@ import json
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from ..artifacts import DEFAULT_SYSTEM_PROMPT
 from .errors import APIError, GrammarError
 
 # Used only when a GGUF carries no tokenizer.chat_template (SmolLM2 and most instruct models do).
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-# Must match the system prompt the classifier was trained with (appliance.training.data.CLASSIFY_SYSTEM_PROMPT).
-CLASSIFY_SYSTEM = "Classify the banking intent."
 
 
 class ChatTemplate:
@@ -46,5 +44,6 @@ def grammar_for_response_format(fmt) -> str | None:
                            param="response_format") from None
 
 
-def classify_messages(text: str) -> list[dict]:
-    return [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": text}]
+def classify_messages(text: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    """The classify turn as trained: pass the model's own prompt (ModelFiles.system_prompt, from its task file)."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]

@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import DEFAULT_SYSTEM_PROMPT, read_labels
 from ..errors import DataError, InputError
 
 CSV_COLUMNS = ("text", "category")
-# Short on purpose: every prompt token costs training time on a CPU, and the label carries the task.
-CLASSIFY_SYSTEM_PROMPT = "Classify the banking intent."
+CLASSIFY_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # written to the adapter's task file, which build and serve read
 MAX_REPORTED = 20  # line numbers listed per problem in the report
 
 
@@ -60,24 +60,8 @@ class DataReport:
 
 
 def load_labels(path: Path) -> list[str]:
-    """A label file: a JSON list of strings, or one label per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"labels file {path} does not exist", "pass --labels with a JSON list or one label per line")
-    raw = path.read_text(encoding="utf-8")
-    if raw.lstrip().startswith("["):
-        try:
-            labels = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"labels file {path} is not valid JSON ({exc})", "write a JSON list of strings") from None
-    else:
-        labels = [line.strip() for line in raw.splitlines() if line.strip()]
-    if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
-        raise DataError(f"labels file {path} must hold a non-empty list of non-empty strings",
-                        "write a JSON list of strings, e.g. [\"card_arrival\", ...]")
-    if len(set(labels)) != len(labels):
-        raise DataError(f"labels file {path} lists a label twice", "remove the repeated labels")
-    return list(labels)
+    """A label file (--labels): a JSON list of strings, {"labels": [...]}, or one label per line."""
+    return read_labels(path)
 
 
 def load_examples(path: Path, system_prompt: str = CLASSIFY_SYSTEM_PROMPT) -> tuple[list[Example], DataReport]:

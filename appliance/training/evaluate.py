@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import collections
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import MODEL_FILE, AdapterDir, BuildDir
 from ..errors import DataError, InputError
 from .data import CLASSIFY_SYSTEM_PROMPT, load_examples, load_labels, prompt_ids, render_ids
-
-LABELS_FILE = "labels.json"
 
 
 # --- metrics --------------------------------------------------------------------------------
@@ -163,26 +161,28 @@ class GGUFClassifier:
 class EvalInput:
     kind: str            # gguf | hf
     model_file: Path     # the .gguf, or the HF checkpoint dir
-    labels_from: Path | None
+    artifacts: BuildDir | AdapterDir | None  # where its labels and task file are (a build dir, or the adapter)
 
 
-def resolve_model(path: Path) -> EvalInput:
-    """A .gguf file, a build directory (its model.gguf) or an HF checkpoint directory."""
+def resolve_model(path: Path, adapter: Path | None = None) -> EvalInput:
+    """A .gguf file, a build directory (its model.gguf) or an HF checkpoint directory (+ adapter)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return EvalInput("gguf", path, path.parent / LABELS_FILE)
-    if path.is_dir() and (path / "model.gguf").is_file():
-        return EvalInput("gguf", path / "model.gguf", path / LABELS_FILE)
+        return EvalInput("gguf", path, BuildDir(path.parent))
+    if path.is_dir() and BuildDir(path).model.is_file():
+        return EvalInput("gguf", BuildDir(path).model, BuildDir(path))
     if path.is_dir() and (path / "config.json").is_file():
-        return EvalInput("hf", path, None)
+        return EvalInput("hf", path, AdapterDir(adapter) if adapter else None)
     raise InputError(f"--model {path} is not a .gguf file, a build directory or a Hugging Face checkpoint",
-                     "pass model.gguf, a `bankllm build` directory, or a checkpoint directory with config.json")
+                     f"pass {MODEL_FILE}, a `bankllm build` directory, or a checkpoint directory with config.json")
 
 
 def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: Path | None = None,
-             limit: int | None = None, system_prompt: str = CLASSIFY_SYSTEM_PROMPT, threads: int = 0) -> dict:
+             limit: int | None = None, system_prompt: str | None = None, threads: int = 0) -> dict:
     """Classify every row of a text,category CSV with the answer constrained to the labels; return metrics."""
-    target = resolve_model(model)
+    target = resolve_model(model, adapter)
+    if system_prompt is None:  # the prompt the model was trained with, as the service uses it
+        system_prompt = target.artifacts.system_prompt() if target.artifacts else CLASSIFY_SYSTEM_PROMPT
     examples, report = load_examples(data, system_prompt)
     if report.format != "csv":
         raise InputError(f"eval data {data} must be a text,category CSV", "pass --data with a CSV file")
@@ -192,13 +192,9 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
         examples = examples[:limit]
     if not examples:
         raise DataError(f"{data} has no rows to evaluate", "give a CSV with at least one text,category row")
-    labels_source = None
-    for candidate in (labels_file, adapter / LABELS_FILE if adapter else None, target.labels_from):
-        if candidate is not None and Path(candidate).is_file():
-            labels_source = Path(candidate)
-            break
-    if labels_file is not None and labels_source != Path(labels_file):
-        raise InputError(f"labels file {labels_file} does not exist", "pass --labels with a JSON list of labels")
+    labels_source = Path(labels_file) if labels_file is not None else None
+    if labels_source is None and target.artifacts is not None and target.artifacts.labels() is not None:
+        labels_source = target.artifacts.labels_file
     labels = load_labels(labels_source) if labels_source else sorted({e.label for e in examples})
     outside = sorted({e.label for e in examples} - set(labels))
     if outside:
@@ -234,20 +230,3 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
             "labels": {"count": len(labels), "source": str(labels_source) if labels_source else "data"},
             **result, "latency_ms": {**percentiles(latencies), "measured": latency_kind},
             "seconds": round(time.perf_counter() - t_start, 2)}
-
-
-def write_predictions_csv(path: Path, texts: list[str], gold: list[str], pred: list[str]) -> None:
-    import csv
-    import io
-
-    from ..fsutil import write_text_atomic
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["text", "category", "predicted"])
-    w.writerows(zip(texts, gold, pred))
-    write_text_atomic(Path(path), buf.getvalue())
-
-
-def dumps(result: dict) -> str:
-    return json.dumps(result, indent=2)

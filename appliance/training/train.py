@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import LABELS_FILE, TASK_FILE
+from ..artifacts import TRAIN_REPORT_FILE as REPORT_FILE
 from ..errors import ConfigError, InputError
 from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic
 from .data import (CLASSIFY_SYSTEM_PROMPT, DataReport, Example, load_examples, load_labels, render_ids,
@@ -25,9 +27,6 @@ log = logging.getLogger("bankllm.train")
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("auto", "unsloth", "peft")
-REPORT_FILE = "train-report.json"
-LABELS_FILE = "labels.json"
-TASK_FILE = "bankllm-task.json"
 
 
 @dataclass
@@ -278,7 +277,7 @@ def save_adapter(model, tokenizer, dest: Path, cfg: TrainConfig, labels: list[st
 
 def model_card(cfg: TrainConfig, labels: list[str] | None) -> str:
     """A short, true README for the adapter directory."""
-    task = f"intent classification over {len(labels)} labels (labels.json)" if labels else "chat fine-tuning"
+    task = f"intent classification over {len(labels)} labels ({LABELS_FILE})" if labels else "chat fine-tuning"
     return (f"# LoRA adapter for {cfg.base_name or Path(cfg.base).name}\n\n"
             f"Task: {task}. System prompt: \"{cfg.system_prompt}\"; the user turn is the customer's text, the "
             f"assistant turn the label.\n\nTrained by `bankllm train` (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, "
