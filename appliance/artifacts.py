@@ -19,6 +19,8 @@ ANSWERS_FILE = "answers.toml"  # build directory: the bank's approved-answer lib
 TRAIN_REPORT_FILE = "train-report.json"  # adapter directory: data report, hyperparameters, loss, validation
 ADAPTER_CONFIG = "adapter_config.json"  # adapter directory: peft's LoRA configuration
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # adapter directory: the LoRA tensors
+VALIDATION_FILE = "validation.csv"  # adapter directory: its held-out text,category split (calibration, threshold)
+CALIBRATION_FILE = "calibration.json"  # build directory: the calibration's figures (beside its PNG plots)
 
 # The prompt an adapter without a task file was trained with (bankllm's training default). Short on purpose:
 # every prompt token costs training time on a CPU, and the label carries the task.
@@ -213,7 +215,7 @@ class _TaskDir:
 
     def contract_digests(self) -> dict[str, str]:
         """sha256 of the task and label files present (they change what a build ships)."""
-        files = [self.task_file, self.labels_file]
+        files = [self.task_file, self.labels_file, self.path / VALIDATION_FILE]
         return {p.name: sha256_file(p) for p in files if p is not None and p.is_file()}
 
 

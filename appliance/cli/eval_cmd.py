@@ -16,17 +16,17 @@ from ..settings import Settings
 @click.option("--labels", type=click.Path(path_type=Path), help="Label set (JSON list); default: labels.json next to the model or adapter, else the CSV's categories.")
 @click.option("--adapter", type=click.Path(path_type=Path), help="PEFT adapter to apply to an HF checkpoint.")
 @click.option("--limit", type=int, help="Evaluate only the first N rows.")
-@click.option("--out", type=click.Path(path_type=Path), help="Also write the JSON result to this file.")
+@click.option("--oos", type=click.Path(path_type=Path), help="Out-of-scope queries, one a line: adds the share refused at the threshold and the AUROC of confidence.")
+@click.option("--fit", is_flag=True, help="Fit the calibration temperature and the answer threshold on this data (stored in a build directory's task file).")
+@click.option("--out", type=click.Path(path_type=Path), help="Also write the JSON result to this file, with a reliability diagram and a risk-coverage curve beside it.")
 @click.option("--config", type=click.Path(path_type=Path), help="bankllm TOML settings file.")
-def eval_(model, data, labels, adapter, limit, out, config):
+def eval_(model, data, labels, adapter, limit, oos, fit, out, config):
     """Classify a CSV with answers constrained to the label set; print accuracy, macro-F1, confusions, latency as JSON."""
-    from ..fsutil import write_json_atomic
     from ..training.evaluate import evaluate
 
     settings = Settings.load(config=config)
-    result = evaluate(model, data, labels_file=labels, adapter=adapter, limit=limit, threads=settings.resolved_threads())
-    if out:
-        write_json_atomic(out, result)
+    result = evaluate(model, data, labels_file=labels, adapter=adapter, limit=limit, threads=settings.resolved_threads(),
+                      oos=oos, out=out, fit=fit, target_accuracy=settings.target_answered_accuracy)
     click.echo(json.dumps(result, indent=2))
 
 

@@ -12,13 +12,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .. import __version__
-from ..artifacts import (LABELS_FILE, MODEL_FILE, MODELFILE_FILE, REPORT_SCHEMA, TASK_FILE, BuildDir, read_report,
-                         write_labels, write_report, write_task)
+from ..answers import default_answers_file, read_library
+from ..artifacts import (ANSWERS_FILE, CALIBRATION_FILE, LABELS_FILE, MODEL_FILE, MODELFILE_FILE, REPORT_SCHEMA,
+                         TASK_FILE, VALIDATION_FILE, BuildDir, read_report, write_labels, write_report, write_task)
 from ..errors import ConfigError, GateRefusedError, InputError
-from ..fsutil import atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree
+from ..fsutil import (atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree,
+                      write_json_atomic)
 from ..resources import default_adapter_dir, default_gate_text
 from ..settings import Settings
 from .adapter import Adapter, check_adapter_fits, resolve_adapter
+from .calibrate import calibrate
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
 from .gate import Gate
@@ -63,6 +66,11 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     # Read (and so check) what the build ships beside the model before any heavy work.
     labels = lora.labels if lora else None
     task = lora.task if lora else None
+    answers = None
+    if labels:  # a classifier's build carries the approved answers it will serve: checked against its labels now
+        answers_path = settings.answers_file or default_answers_file()
+        answers_bytes = Path(answers_path).read_bytes() if Path(answers_path).is_file() else b""
+        answers = read_library(answers_path, labels)
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -78,6 +86,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     }
     if template_record["source"] != "base":  # a chosen template changes the GGUF and the Modelfile
         inputs["chat_template_sha256"] = template_record["sha256"]
+    if answers is not None:
+        inputs["answers_sha256"] = answers.sha256
+        inputs["target_answered_accuracy"] = settings.target_answered_accuracy
     if lora is not None and (contract := lora.dir.contract_digests()):
         inputs["adapter_files_sha256"] = contract  # a directory adapter's sha256 covers its weights only
     digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
@@ -172,7 +183,20 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                 f"in perplexity (limit {settings.gate_warn_below:.0%} to ship, {settings.gate_escalate_below:.0%} to escalate)",
                 "try --quant auto or a higher-bit --quant, or --force to ship it anyway (recorded in the report)")
 
-    # 5. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
+    # 5. Calibrate the served model's label confidences and choose the assistant's answer threshold, on the
+    #    adapter's own validation split (a classifier adapter that ships one).
+    calibration = None
+    validation = lora.path / VALIDATION_FILE if lora is not None else None
+    if labels and task is not None and validation is not None and validation.is_file():
+        with progress.stage("calibrate confidences and choose the answer threshold") as rec:
+            task, calibration = calibrate(work / chosen["file"], labels, task, validation,
+                                          settings.target_answered_accuracy, threads, plots_to=work / CALIBRATION_FILE)
+            rec["detail"] = (f"temperature {calibration['temperature']}, threshold {calibration['threshold']}: "
+                             f"{calibration['coverage']:.1%} answered at {calibration['answered_accuracy']:.1%} "
+                             f"accuracy, ECE {calibration['ece']}")
+        steps.append(rec)
+
+    # 6. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
     with atomic_dir(out_dir) as tmp:
         _link_or_copy(work / chosen["file"], tmp / MODEL_FILE)
         write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
@@ -180,7 +204,14 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         if labels:
             write_labels(tmp / LABELS_FILE, labels)
             outputs[LABELS_FILE] = sha256_file(tmp / LABELS_FILE)
-        if task is not None:  # the service takes its classify prompt (and later calibration) from here
+        if answers is not None:  # the approved answers travel with the model (a bank may still replace them)
+            (tmp / ANSWERS_FILE).write_bytes(answers_bytes)
+            outputs[ANSWERS_FILE] = answers.sha256
+        if calibration is not None:
+            write_json_atomic(tmp / CALIBRATION_FILE, calibration)
+            for png in work.glob(Path(CALIBRATION_FILE).stem + "-*.png"):
+                shutil.copyfile(png, tmp / png.name)
+        if task is not None:  # the service takes its classify prompt, calibration and threshold from here
             write_task(tmp / TASK_FILE, dataclasses.replace(task, labels=LABELS_FILE if labels else None))
             outputs[TASK_FILE] = sha256_file(tmp / TASK_FILE)
         report = {
@@ -196,6 +227,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                      "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
             "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
             "warnings": warnings, "labels": {"file": LABELS_FILE, "count": len(labels)} if labels else None,
+            "answers": {"file": ANSWERS_FILE, "source": str(answers.source.source), "sha256": answers.sha256,
+                        "intents": len(answers.intents)} if answers is not None else None,
+            "calibration": calibration,
             "outputs": outputs,
             "versions": inputs["versions"],
         }

@@ -43,18 +43,12 @@ def load_answers(settings: Settings, files):
 
 def load_calibration(files) -> dict:
     """{"temperature": T, "threshold": t} from the build's task file (empty when it has none)."""
-    import json
-
-    from ..artifacts import TASK_FILE
-
-    here = files.build_dir or files.gguf.parent
-    path = here / TASK_FILE
-    if not path.is_file():
-        return {}
-    task = json.loads(path.read_text())
-    out = dict(task.get("calibration") or {})
-    if task.get("threshold") is not None:
-        out["threshold"] = float(task["threshold"])
+    task = files.task
+    out = {}
+    if task is not None and task.calibration is not None:
+        out["temperature"] = task.calibration.temperature
+    if task is not None and task.threshold is not None:
+        out["threshold"] = task.threshold
     return out
 
 

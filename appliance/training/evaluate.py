@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,36 +126,6 @@ class LabelDecoder:
         return [self.complete[p] for p in prefixes]
 
 
-# --- GGUF: llama.cpp with a GBNF grammar over the labels ----------------------------------------
-
-def label_grammar(labels: list[str]) -> str:
-    """A GBNF grammar whose language is exactly the label set."""
-    def lit(s: str) -> str:
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-    return "root ::= " + " | ".join(lit(label) for label in labels) + "\n"
-
-
-class GGUFClassifier:
-    """A GGUF model answering through its own chat template, sampling constrained by the label grammar."""
-
-    def __init__(self, model_path: Path, labels: list[str], system_prompt: str = CLASSIFY_SYSTEM_PROMPT,
-                 threads: int = 0, n_ctx: int = 1024):
-        from llama_cpp import Llama, LlamaGrammar
-
-        kwargs = {"n_threads": threads} if threads > 0 else {}
-        self.llm = Llama(model_path=str(model_path), n_ctx=n_ctx, verbose=False, **kwargs)
-        self.grammar = LlamaGrammar.from_string(label_grammar(labels), verbose=False)
-        self.system_prompt = system_prompt
-        self.max_tokens = max(len(self.llm.tokenize(label.encode(), add_bos=False)) for label in labels) + 4
-
-    def classify(self, text: str) -> str:
-        out = self.llm.create_chat_completion(
-            messages=[{"role": "system", "content": self.system_prompt}, {"role": "user", "content": text}],
-            grammar=self.grammar, temperature=0.0, max_tokens=self.max_tokens)
-        return out["choices"][0]["message"]["content"].strip()
-
-
 # --- the command's library function ------------------------------------------------------------
 
 @dataclass
@@ -178,8 +149,12 @@ def resolve_model(path: Path, adapter: Path | None = None) -> EvalInput:
 
 
 def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: Path | None = None,
-             limit: int | None = None, system_prompt: str | None = None, threads: int = 0) -> dict:
-    """Classify every row of a text,category CSV with the answer constrained to the labels; return metrics."""
+             limit: int | None = None, system_prompt: str | None = None, threads: int = 0, oos: Path | None = None,
+             out: Path | None = None, fit: bool = False, target_accuracy: float = 0.98) -> dict:
+    """Classify every row of a text,category CSV with the answer constrained to the labels; return metrics. A GGUF
+    (or build) goes through the serving engine exactly as /api/v1/classify does, with the build's calibration and
+    threshold; `oos` (one query a line) adds out-of-scope refusal; `out` writes the JSON and its PNG plots;
+    `fit` fits temperature and threshold on this data (and, for a build directory, stores them in its task file)."""
     target = resolve_model(model, adapter)
     if system_prompt is None:  # the prompt the model was trained with, as the service uses it
         system_prompt = target.artifacts.system_prompt() if target.artifacts else CLASSIFY_SYSTEM_PROMPT
@@ -200,17 +175,40 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
     if outside:
         raise DataError(f"{data} has categories outside the label set: {', '.join(outside[:5])}",
                         "pass --labels with the model's label list, or fix the CSV")
+    if (oos is not None or fit) and target.kind != "gguf":
+        raise InputError("--oos and --fit measure the served model", "pass --model a build directory or a .gguf")
     texts = [e.text for e in examples]
     latencies: list[float] = []
     t_start = time.perf_counter()
+    extra: dict = {}
     if target.kind == "gguf":
-        clf = GGUFClassifier(target.model_file, labels, system_prompt, threads=threads)
-        preds = []
-        for text in texts:
-            t0 = time.perf_counter()
-            preds.append(clf.classify(text))
-            latencies.append((time.perf_counter() - t0) * 1000)
-        latency_kind = "per request (llama.cpp, one at a time)"
+        from . import serving_eval
+
+        task = target.artifacts.task() if target.artifacts else None
+        temperature = task.calibration.temperature if task and task.calibration else 1.0
+        threshold = task.threshold if task else None
+        rows = serving_eval.label_texts(target.model_file, labels, system_prompt, texts, threads=threads,
+                                        temperature=temperature)
+        preds = [r.label for r in rows]
+        latencies = [r.latency_ms for r in rows]
+        latency_kind = f"per request through the serving engine, {serving_eval.N_SEQ_MAX} at a time"
+        oos_rows = None
+        if oos is not None:
+            queries = [q.strip() for q in Path(oos).read_text(encoding="utf-8").splitlines() if q.strip()]
+            if not queries:
+                raise DataError(f"out-of-scope file {oos} has no queries", "write one query a line")
+            oos_rows = serving_eval.label_texts(target.model_file, labels, system_prompt, queries, threads=threads,
+                                                temperature=temperature)
+        extra["assistant"] = serving_eval.assistant_figures(
+            [e.label for e in examples], rows, temperature, threshold, target_accuracy, oos_rows,
+            plots_to=out, fit=fit)
+        if fit and isinstance(target.artifacts, BuildDir) and task is not None:
+            from ..artifacts import Calibration, write_task
+
+            a = extra["assistant"]
+            write_task(target.artifacts.task_file, dataclasses.replace(
+                task, calibration=Calibration(temperature=a["temperature"]), threshold=a["threshold"]))
+            extra["assistant"]["stored_in"] = str(target.artifacts.task_file)
     else:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,7 +224,12 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
         preds = LabelDecoder(tokenizer, labels, system_prompt).predict(hf, texts, latencies_ms=latencies)
         latency_kind = "per row, amortized over batches of 32 (HF, fp32)"
     result = score([e.label for e in examples], preds, labels)
-    return {"model": str(model), "kind": target.kind, "adapter": str(adapter) if adapter else None, "data": str(data),
-            "labels": {"count": len(labels), "source": str(labels_source) if labels_source else "data"},
-            **result, "latency_ms": {**percentiles(latencies), "measured": latency_kind},
-            "seconds": round(time.perf_counter() - t_start, 2)}
+    result = {"model": str(model), "kind": target.kind, "adapter": str(adapter) if adapter else None,
+              "data": str(data), "labels": {"count": len(labels), "source": str(labels_source) if labels_source else "data"},
+              **result, **extra, "latency_ms": {**percentiles(latencies), "measured": latency_kind},
+              "seconds": round(time.perf_counter() - t_start, 2)}
+    if out is not None:
+        from ..fsutil import write_json_atomic
+
+        write_json_atomic(Path(out), result)
+    return result

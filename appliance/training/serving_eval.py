@@ -12,6 +12,7 @@ from pathlib import Path
 from . import calibration as cal
 
 OUT_OF_SCOPE = "out_of_scope"
+N_SEQ_MAX = 8  # rows decoded together, as the service's slots
 EVAL_OWNER = "eval"  # one owner: rows reuse the classify prompt's KV prefix, as one API key's requests do
 
 
@@ -25,7 +26,7 @@ class Labelled:
 
 
 def label_texts(gguf: Path, labels: list[str], system_prompt: str, texts: list[str], threads: int = 0,
-                temperature: float = 1.0, n_seq_max: int = 8) -> list[Labelled]:
+                temperature: float = 1.0, n_seq_max: int = N_SEQ_MAX) -> list[Labelled]:
     """Label every text through the serving engine, n_seq_max at a time (continuous batching, as the service)."""
     from ..service.engine import Engine
     from ..service.labeling import Labeler

@@ -1,0 +1,38 @@
+"""Calibrate the shipped model's label confidences and choose the assistant's answer threshold, on the adapter's
+own held-out validation split, through the serving engine and the quantized GGUF that will actually serve
+(quantization moves confidences, so a fit on the 16-bit model would not hold for the served one)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+from ..artifacts import Calibration, Task
+from ..errors import DataError
+from ..training import serving_eval
+
+
+def read_validation(path: Path, labels: list[str]) -> tuple[list[str], list[str]]:
+    """(texts, gold labels) of a text,category CSV whose categories are all in `labels`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [(r.get("text", ""), r.get("category", "")) for r in csv.DictReader(f)]
+    rows = [(t.strip(), c.strip()) for t, c in rows if t and t.strip()]
+    outside = sorted({c for _, c in rows} - set(labels))
+    if not rows or outside:
+        raise DataError(f"validation split {path} is empty or has categories outside the label set "
+                        f"({', '.join(outside[:3])})", "give the adapter's own text,category validation CSV")
+    return [t for t, _ in rows], [c for _, c in rows]
+
+
+def calibrate(gguf: Path, labels: list[str], task: Task, validation: Path, target_accuracy: float,
+              threads: int, plots_to: Path | None = None) -> tuple[Task, dict]:
+    """The task with calibration (temperature) and threshold fitted, and the figures that justify them."""
+    texts, gold = read_validation(validation, labels)
+    rows = serving_eval.label_texts(gguf, labels, task.system_prompt, texts, threads=threads)
+    figures = serving_eval.assistant_figures(gold, rows, 1.0, None, target_accuracy, fit=True, plots_to=plots_to)
+    accuracy = sum(r.label == g for r, g in zip(rows, gold)) / len(gold)
+    figures = {"validation_rows": len(gold), "accuracy": round(accuracy, 4), **figures}
+    fitted = dataclasses.replace(task, calibration=Calibration(temperature=figures["temperature"]),
+                                 threshold=figures["threshold"])
+    return fitted, figures
