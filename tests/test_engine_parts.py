@@ -12,7 +12,7 @@ import pytest
 from appliance.service.engine import (COPY_MIN_TOKENS, Choices, Delta, Done, EngineClient, FakeEngine, GenParams,
                                       Handle)
 from appliance.service.engine.constrained import ChoiceWalk
-from appliance.service.engine.slots import SlotTable
+from appliance.service.engine.slots import SlotTable, common_prefix
 from appliance.service.engine.text import TextStream
 from appliance.service.errors import BusyError
 
@@ -202,6 +202,88 @@ def test_label_walk_offers_the_end_of_a_shorter_label():
     walk.pick(np.array([0.0]))
     assert walk.allowed() == [99, 2] and not walk.complete
     assert walk.pick(np.array([3.0, 1.0])) == 99
+
+
+def walk_all(choices: Choices, logits_of, eog: int = 99):
+    """Drive a ChoiceWalk as the runner does (backtracking to the shared prefix); logits_of(context, allowed)."""
+    walk = ChoiceWalk(choices, eog)
+    generated: list[int] = []
+    tok = walk.pick(logits_of(generated, walk.allowed()))
+    decodes = 1
+    while True:
+        if tok != eog:
+            generated.append(tok)
+        if walk.complete:
+            walk.answer_done()
+            target = walk.next_branch()
+            if target is None:
+                return walk, decodes
+            common = common_prefix(generated, target, len(target) - 1)
+            generated = target[:common + 1]
+            walk.replay(target[common + 1:])
+        forced = walk.take_forced()
+        decodes += 1
+        tok = forced if forced is not None else walk.pick(logits_of(generated, walk.allowed()))
+
+
+def path_probability(path: list[int], logits_of, eog: int, choices: Choices, temperature: float = 1.0) -> float:
+    node, p, context = choices.root, 1.0, []
+    for key in path + [None]:
+        if list(node) == [None]:
+            break
+        ids = [t if t is not None else eog for t in node]
+        z = np.asarray(logits_of(context, ids), dtype=np.float64) / temperature
+        q = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        p *= q[list(node).index(key)]
+        node = node[key]
+        context = context + ([key] if key is not None else [])
+    return p
+
+
+def toy_logits(context, ids):
+    """Deterministic logits that depend on the context, so every branch has its own distribution."""
+    seed = 1 + sum((i + 1) * t for i, t in enumerate(context))
+    return np.array([((seed * 7919 + t * 104729) % 1000) / 250.0 for t in ids])
+
+
+LABELS = [[1, 2, 3], [1, 2, 4], [1, 5], [6], [6, 7], [8, 9, 10], [8, 11]]
+
+
+def test_temperature_scales_the_confidence_but_not_the_pick():
+    base, _ = walk_all(Choices(LABELS), toy_logits)
+    hot, _ = walk_all(Choices(LABELS, temperature=2.0), toy_logits)
+    assert base.found[0][0] == hot.found[0][0] and base.steps == hot.steps  # raw logits and picks, unchanged
+    assert base.probability == pytest.approx(path_probability(base.found[0][0], toy_logits, 99, Choices(LABELS)))
+    assert hot.probability == pytest.approx(path_probability(hot.found[0][0], toy_logits, 99, Choices(LABELS), 2.0))
+    assert hot.probability != pytest.approx(base.probability)
+    # steps: one per decision, raw logits of the allowed tokens and the index picked
+    assert len(base.steps) >= 1 and all(0 <= pick < len(logits) for logits, pick in base.steps)
+    with pytest.raises(ValueError):
+        Choices(LABELS, temperature=0)
+
+
+def test_alternatives_are_distinct_labels_with_exact_probabilities():
+    choices = Choices(LABELS, alternatives=3)
+    walk, _ = walk_all(choices, toy_logits)
+    found = walk.candidates()
+    paths = [tuple(p) for p, _ in found]
+    assert len(found) == 4 and len(set(paths)) == 4
+    assert all(list(p) in LABELS for p in paths)
+    assert found[0][0] == walk_all(Choices(LABELS), toy_logits)[0].found[0][0]  # greedy first, unchanged
+    assert [p for _, p in found[1:]] == sorted((p for _, p in found[1:]), reverse=True)
+    for path, p in found:
+        assert p == pytest.approx(path_probability(path, toy_logits, 99, choices)), path
+    total = sum(path_probability(x, toy_logits, 99, choices) for x in LABELS)
+    assert total == pytest.approx(1.0)  # the label distribution is a distribution
+
+
+def test_alternatives_among_single_token_labels_are_the_exact_top_k():
+    labels = [[t] for t in range(10, 20)]
+    logits = lambda context, ids: np.array([float(t % 7) for t in ids])  # noqa: E731
+    walk, decodes = walk_all(Choices(labels, alternatives=2), logits)
+    probs = [p for _, p in walk.candidates()]
+    exact = sorted((path_probability(x, logits, 99, Choices(labels)) for x in labels), reverse=True)[:3]
+    assert probs == pytest.approx(exact) and decodes == 1  # one-token labels end at once: no extra decode
 
 
 # ---------------------------------------------------------------------------------------------- fake engine

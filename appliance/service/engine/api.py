@@ -22,9 +22,17 @@ class GenParams:
 
 class Choices:
     """A token trie of the allowed answers; decoding picks greedily among allowed tokens only and records the
-    probability of each pick renormalised over the allowed tokens (the confidence of the whole answer)."""
+    probability of each pick renormalised over the allowed tokens (the confidence of the whole answer).
 
-    def __init__(self, sequences: list[list[int]]):
+    `temperature` divides the allowed tokens' logits before renormalising (temperature scaling, a calibration;
+    the greedy pick does not change). `alternatives` > 0 explores that many further answers best-first after
+    the greedy one and returns them in Done.candidates."""
+
+    def __init__(self, sequences: list[list[int]], temperature: float = 1.0, alternatives: int = 0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, not {temperature}")
+        self.temperature = float(temperature)
+        self.alternatives = max(0, int(alternatives))
         self.root: dict = {}
         for seq in sequences:
             node = self.root
@@ -46,6 +54,11 @@ class Done:
     text: str
     probability: float | None = None
     error: str | None = None
+    # Choices requests only. steps: per decode step of the greedy answer, the allowed tokens' raw logits (trie
+    # order) and the index picked, for refitting a calibration offline. candidates: (answer text, probability),
+    # the greedy answer first, then the alternatives explored, most probable first.
+    steps: list[tuple[list[float], int]] | None = None
+    candidates: list[tuple[str, float]] | None = None
 
 
 def check_fits(seq_ctx: int, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:

@@ -20,7 +20,9 @@ from .text import TextStream
 EOS = 257
 
 Reply = Callable[[str], str]
-Choose = Callable[[str, list[str]], "tuple[str, float]"]
+# (prompt text, allowed answers) -> (answer, probability), or a list of them: the greedy answer first, then
+# the alternatives a Choices(alternatives=n) request gets back in Done.candidates.
+Choose = Callable[[str, list[str]], "tuple[str, float] | list[tuple[str, float]]"]
 
 
 def echo_last_user(prompt: str) -> str:
@@ -144,13 +146,18 @@ class FakeEngine:
 
     async def _generate(self, handle: Handle, tokens: list[int], params: GenParams) -> Done:
         prompt = self.detokenize(tokens)
-        probability = None
+        probability = steps = candidates = None
         if params.choices is not None:
             answers = trie_answers(params.choices)
             texts = [self.detokenize(a) for a in answers]
-            label, probability = self.choose(prompt, texts)
-            if label not in texts:
-                raise ValueError(f"the scripted label {label!r} is not one of the allowed answers")
+            picked = self.choose(prompt, texts)
+            candidates = [picked] if isinstance(picked, tuple) else list(picked)
+            for label, _ in candidates:
+                if label not in texts:
+                    raise ValueError(f"the scripted label {label!r} is not one of the allowed answers")
+            label, probability = candidates[0]
+            candidates = candidates[:1] + sorted(candidates[1:1 + params.choices.alternatives], key=lambda c: -c[1])
+            steps = []  # no logits here
             out = answers[texts.index(label)]
         else:
             out = self.tokenize(self.reply(prompt), special=False) + [EOS]
@@ -164,7 +171,8 @@ class FakeEngine:
                 rest = stream.rest()
                 if rest:
                     handle.post(Delta(rest))
-            return Done(reason, len(tokens), len(generated), stream.text, probability, error)
+            return Done(reason, len(tokens), len(generated), stream.text, probability, error, steps=steps,
+                        candidates=candidates if reason == "stop" else None)
 
         for tok in out:
             await asyncio.sleep(self.step_s)  # one token per loop turn: a cancel or disconnect gets in between

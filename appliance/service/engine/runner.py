@@ -28,7 +28,7 @@ from ..errors import BusyError, GrammarError, PromptTooLongError
 from .api import Delta, Done, GenParams, check_fits
 from .constrained import ChoiceWalk
 from .handle import Handle
-from .slots import SlotTable
+from .slots import SlotTable, common_prefix
 from .text import TextStream
 from .vocab import Vocab
 
@@ -50,6 +50,7 @@ class _Seq:
         self.generated: list[int] = []
         self.stream = TextStream(params.stop)
         self.last = None  # last sampled token, fed in the next step
+        self.n_answer = -1  # completion tokens of the greedy answer, once alternatives are being explored
 
     def kv_tokens(self) -> list[int]:
         """The tokens whose KV cells its slot holds, in order."""
@@ -296,8 +297,39 @@ class Engine:
             rest = stream.rest()
             if rest:
                 seq.handle.post(Delta(rest))
-        prob = seq.walk.probability if seq.walk is not None else None
-        seq.handle.post(Done(reason, len(seq.tokens), len(seq.generated), stream.text, prob, error))
+        walk = seq.walk
+        n_completion = seq.n_answer if seq.n_answer >= 0 else len(seq.generated)
+        if walk is None:
+            seq.handle.post(Done(reason, len(seq.tokens), n_completion, stream.text, None, error))
+            return
+        candidates = [(self._text_of(path), p) for path, p in walk.candidates()] if walk.found else None
+        seq.handle.post(Done(reason, len(seq.tokens), n_completion, stream.text, walk.probability, error,
+                             steps=walk.steps, candidates=candidates))
+
+    def _text_of(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def _answer_done(self, seq: _Seq) -> None:
+        """A choices sequence finished an answer: explore the next branch (backtracking its KV) or finish."""
+        walk = seq.walk
+        if not walk.exploring:
+            seq.n_answer = len(seq.generated)
+        walk.answer_done()
+        target = walk.next_branch()
+        if target is None:
+            self._finish(seq, "stop")
+            return
+        # Keep the KV of the prefix the branch shares with the path decoded so far; drop the rest.
+        common = min(common_prefix(seq.generated, target, len(target) - 1), seq.n_past - len(seq.tokens))
+        n_past = len(seq.tokens) + common
+        if not llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, n_past, -1):
+            walk.budget = 0  # this memory cannot drop a tail: no alternatives
+            self._finish(seq, "stop")
+            return
+        seq.n_past = n_past
+        seq.generated = target[:common + 1]
+        seq.last = target[common]
+        walk.replay(target[common + 1:])
 
     def _run(self) -> None:
         while True:
@@ -373,18 +405,31 @@ class Engine:
     def _sample(self, seq: _Seq, idx: int) -> int:
         if seq.walk is None:
             return llama_cpp.llama_sampler_sample(seq.chain, self.ctx, idx)
+        forced = seq.walk.take_forced()
+        if forced is not None:
+            return forced
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
         return seq.walk.pick(logits[seq.walk.allowed()])
 
     def _accept(self, seq: _Seq, tok: int) -> None:
         seq.last = tok
+        walk = seq.walk
+        if walk is not None and walk.exploring:  # an alternative answer: no text, no stop strings, no length
+            if tok != self.eog:
+                seq.generated.append(tok)
+            if walk.complete:
+                self._answer_done(seq)
+            return
         if self.vocabulary.is_eog(tok):
-            self._finish(seq, "stop")
+            if walk is not None:
+                self._answer_done(seq)
+            else:
+                self._finish(seq, "stop")
             return
         seq.generated.append(tok)
         seq.stream.feed(self.piece(tok))
-        if seq.walk is not None and seq.walk.complete:
-            self._finish(seq, "stop")  # the answer is complete and nothing (or only its end) can follow it
+        if walk is not None and walk.complete:
+            self._answer_done(seq)  # the answer is complete and nothing (or only its end) can follow it
             return
         if seq.stream.cut_at_stop():
             self._finish(seq, "stop")
