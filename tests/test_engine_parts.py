@@ -366,9 +366,9 @@ def test_fake_engine_cancels_and_refuses_when_the_queue_is_full():
 def test_fake_engine_answers_choices_with_the_scripted_label():
     labels = ["card_arrival", "card_linking", "top_up_failed"]
 
-    async def go(choose=None):
+    async def go(choose=None, alternatives=0):
         fake = FakeEngine(choose=choose)
-        choices = Choices([fake.tokenize(x, special=False) for x in labels])
+        choices = Choices([fake.tokenize(x, special=False) for x in labels], alternatives=alternatives)
         tokens = fake.tokenize(chatml("my top_up_failed again"), special=True)
         return await fake.submit(tokens, GenParams(max_tokens=20, choices=choices)).result()
 
@@ -377,6 +377,11 @@ def test_fake_engine_answers_choices_with_the_scripted_label():
     scripted = asyncio.run(go(lambda prompt, answers: ("card_linking", 0.42)))
     assert (scripted.text, scripted.probability) == ("card_linking", 0.42)
     assert scripted.completion_tokens == len("card_linking")
+    ranked = asyncio.run(go(lambda prompt, answers: [("card_linking", 0.5), ("top_up_failed", 0.1),
+                                                     ("card_arrival", 0.3)], alternatives=1))
+    assert ranked.candidates == [("card_linking", 0.5), ("top_up_failed", 0.1)]
+    wrong = asyncio.run(go(lambda prompt, answers: ("not_a_label", 0.5)))
+    assert wrong.finish_reason == "error" and "not_a_label" in wrong.error
 
 
 def test_handle_cancel_wakes_its_engine_once():

@@ -140,9 +140,12 @@ class FakeEngine:
             self._waiting -= 1
             self._running += 1
             try:
-                handle.post(await self._generate(handle, tokens, params))
+                done = await self._generate(handle, tokens, params)
+            except Exception as exc:  # a script error must still end the request, as a decode failure does
+                done = Done("error", len(tokens), 0, "", error=f"fake engine: {exc}")
             finally:
                 self._running -= 1
+            handle.post(done)
 
     async def _generate(self, handle: Handle, tokens: list[int], params: GenParams) -> Done:
         prompt = self.detokenize(tokens)
