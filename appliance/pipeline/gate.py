@@ -104,7 +104,9 @@ class Gate:
         """
         import llama_cpp
 
-        ctx = llm._ctx.ctx
+        from ..libllama import context_pointer
+
+        ctx = context_pointer(llm)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         batch.n_tokens = len(chunk)
         for i, token in enumerate(chunk):

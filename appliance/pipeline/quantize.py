@@ -30,14 +30,14 @@ def ftype_of(name: str) -> int:
 def quantize(f16_gguf: Path, quant: str, out_path: Path, threads: int) -> Path:
     """Write `out_path` (atomically) as `quant` of `f16_gguf`."""
     import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
+    from ..libllama import suppressed_output
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = threads
     with atomic_path(out_path) as tmp:
         # libllama prints a line per tensor; keep the terminal for our own progress.
-        with suppress_stdout_stderr(disable=False):
+        with suppressed_output():
             rc = llama_cpp.llama_model_quantize(str(f16_gguf).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise StageError(f"llama_model_quantize {quant} of {f16_gguf} failed (code {rc})",
