@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 from litestar import Request, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from litestar.response import Response
 
 from ..errors import APIError, NotFoundError
@@ -14,7 +16,7 @@ from ..service import Service
 
 
 @post("/api/v1/chat", status_code=200, summary="The banking assistant: approved answers, clarifying questions, handoff")
-async def bank_chat(request: Request, data: BankChatRequest, svc: Service, record: RequestRecord) -> Response:
+async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: NamedDependency[Service], record: NamedDependency[RequestRecord]) -> Response:
     start = time.perf_counter()
     if data.conversation_id:
         conv = svc.conversations.get(data.conversation_id, record.key_id)
@@ -39,7 +41,7 @@ async def bank_chat(request: Request, data: BankChatRequest, svc: Service, recor
 
 @post("/api/v1/classify", status_code=200, summary="Classify text into the model's intent labels, with calibrated "
       "confidence and whether it is in scope")
-async def classify(request: Request, data: ClassifyRequest, svc: Service, record: RequestRecord) -> Response:
+async def classify(request: Request, data: JSONBody[ClassifyRequest], svc: NamedDependency[Service], record: NamedDependency[RequestRecord]) -> Response:
     start = time.perf_counter()
     if (data.text is None) == (data.texts is None):
         raise APIError("send exactly one of `text` (a string) or `texts` (a list of up to 64 strings)", param="text")

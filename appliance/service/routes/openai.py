@@ -7,6 +7,8 @@ import secrets
 import time
 
 from litestar import Request, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 from litestar.response import Response, Stream
 
 from ..engine import Delta, Done, GenParams
@@ -37,7 +39,7 @@ def _error_event(err: APIError) -> bytes:
     return _sse(err.body())
 
 
-def _stream(svc: Service, record: RequestRecord, gen, base: dict, stream_options, opening, choice) -> Stream:
+def _stream(svc: NamedDependency[Service], record: NamedDependency[RequestRecord], gen, base: dict, stream_options, opening, choice) -> Stream:
     """The SSE response both endpoints share: `choice(text, finish_reason)` shapes one choice (text None on the
     final chunk); optional usage chunk; always `data: [DONE]`; a client that goes away frees its slot at once."""
     include_usage = bool(stream_options and stream_options.include_usage)
@@ -70,7 +72,7 @@ def _stream(svc: Service, record: RequestRecord, gen, base: dict, stream_options
     return Stream(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _respond(request: Request, svc: Service, record: RequestRecord, gen, stream: bool, stream_options,
+async def _respond(request: Request, svc: NamedDependency[Service], record: NamedDependency[RequestRecord], gen, stream: bool, stream_options,
                    base: dict, whole, opening, chunk) -> Response | Stream:
     """Both endpoints: wait and shape the whole answer with `whole(done)`, or stream chunks shaped by `chunk`."""
     if stream:
@@ -82,8 +84,8 @@ async def _respond(request: Request, svc: Service, record: RequestRecord, gen, s
 
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
-async def chat_completions(request: Request, data: ChatCompletionRequest, svc: Service,
-                           record: RequestRecord) -> Response | Stream:
+async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest], svc: NamedDependency[Service],
+                           record: NamedDependency[RequestRecord]) -> Response | Stream:
     svc.check_model(data.model)
     max_tokens = svc.cap_max_tokens(data.max_completion_tokens or data.max_tokens)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in data.messages]
@@ -108,8 +110,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest, svc: S
 
 
 @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
-async def completions(request: Request, data: CompletionRequest, svc: Service,
-                      record: RequestRecord) -> Response | Stream:
+async def completions(request: Request, data: JSONBody[CompletionRequest], svc: NamedDependency[Service],
+                      record: NamedDependency[RequestRecord]) -> Response | Stream:
     svc.check_model(data.model)
     max_tokens = svc.cap_max_tokens(data.max_tokens)
     prompt = data.prompt if isinstance(data.prompt, str) else data.prompt[0]
@@ -126,13 +128,13 @@ async def completions(request: Request, data: CompletionRequest, svc: Service,
 
 
 @get("/v1/models", summary="List the served model")
-async def list_models(svc: Service) -> dict:
+async def list_models(svc: NamedDependency[Service]) -> dict:
     return {"object": "list", "data": [{"id": svc.settings.model_name, "object": "model",
                                         "created": svc.created, "owned_by": "bankllm"}]}
 
 
 @get("/v1/models/{model_id:str}", summary="Describe the served model")
-async def get_model(model_id: str, svc: Service) -> dict:
+async def get_model(model_id: FromPath[str], svc: NamedDependency[Service]) -> dict:
     svc.check_model(model_id)
     return {"id": model_id, "object": "model", "created": svc.created, "owned_by": "bankllm"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import get
+from litestar.di import NamedDependency
 from litestar.response import Response
 
 from ..errors import APIError
@@ -16,7 +17,7 @@ async def health() -> dict:
 
 
 @get("/ready", summary="Model loaded and answering")
-async def ready(svc: Service) -> dict:
+async def ready(svc: NamedDependency[Service]) -> dict:
     if not svc.ready:
         raise APIError("the model is not loaded yet; retry shortly", status=503)
     return {"status": "ready", "model": svc.settings.model_name, "slots": svc.engine.n_slots,
@@ -24,7 +25,7 @@ async def ready(svc: Service) -> dict:
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
-async def metrics(svc: Service) -> Response:
+async def metrics(svc: NamedDependency[Service]) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
