@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import DataError, InputError
-from appliance.training.evaluate import LabelDecoder, evaluate, label_grammar, percentiles, score
+from appliance.training.evaluate import LabelDecoder, evaluate, percentiles, score
 
 REPO = Path(__file__).resolve().parents[1]
 BANKING77 = REPO.parent / "shared" / "data" / "banking77"
@@ -47,12 +47,35 @@ def test_score_metrics():
     assert percentiles([1.0, 2.0, 3.0, 4.0])["p50"] in (2.0, 3.0)
 
 
-def test_label_grammar_parses_and_escapes():
-    from llama_cpp import LlamaGrammar
+def test_eval_and_classify_agree_on_every_row(tmp_path):
+    """One way to constrain labels: `bankllm eval` and /api/v1/classify give the same label and confidence."""
+    from tests._service_util import running_server
 
-    text = label_grammar(["card_arrival", 'say "hi"', "back\\slash"])
-    assert text.startswith('root ::= "card_arrival" | "say \\"hi\\""')
-    LlamaGrammar.from_string(text, verbose=False)
+    data = small_csv(tmp_path / "small.csv", n=8)
+    result = evaluate(raw_gguf(), data, labels_file=BANKING77 / "categories.json", threads=2, keep_rows=True)
+    with open(data, newline="") as f:
+        texts = [r["text"] for r in csv.DictReader(f)]
+    with running_server(tmp_path / "srv") as server, server.http() as c:
+        served = c.post("/api/v1/classify", json={"texts": texts}).json()["results"]
+    assert [r["predicted"] for r in result["rows"]] == [x["intent"] for x in served]
+    # Confidences agree up to batching: libllama's CPU kernels are not bit-identical for a row decoded beside others.
+    assert [r["confidence"] for r in result["rows"]] == pytest.approx([x["confidence"] for x in served], abs=0.02)
+
+
+def test_eval_oos_and_fit_write_figures_and_plots(tmp_path):
+    data = small_csv(tmp_path / "small.csv", n=8)
+    oos = tmp_path / "oos.txt"
+    oos.write_text("what is the capital of peru\nwrite me a haiku about rain\nhow tall is mount everest\n")
+    out = tmp_path / "eval.json"
+    result = evaluate(raw_gguf(), data, labels_file=BANKING77 / "categories.json", threads=2, oos=oos, out=out,
+                      fit=True, target_accuracy=0.9)
+    a = result["assistant"]
+    assert {"temperature", "threshold", "ece", "ece_uncalibrated", "coverage", "answered_accuracy"} <= set(a)
+    assert a["out_of_scope"]["n"] == 3 and 0.0 <= a["out_of_scope"]["refused"] <= 1.0
+    assert 0.0 <= a["out_of_scope"]["auroc"] <= 1.0 and a["temperature"] > 0
+    for png in a["plots"]:
+        assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(out.read_text())["assistant"]["threshold"] == a["threshold"]
 
 
 def test_eval_gguf_answers_are_always_labels(tmp_path):

@@ -150,7 +150,8 @@ def resolve_model(path: Path, adapter: Path | None = None) -> EvalInput:
 
 def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: Path | None = None,
              limit: int | None = None, system_prompt: str | None = None, threads: int = 0, oos: Path | None = None,
-             out: Path | None = None, fit: bool = False, target_accuracy: float = 0.98) -> dict:
+             out: Path | None = None, fit: bool = False, target_accuracy: float = 0.98,
+             keep_rows: bool = False) -> dict:
     """Classify every row of a text,category CSV with the answer constrained to the labels; return metrics. A GGUF
     (or build) goes through the serving engine exactly as /api/v1/classify does, with the build's calibration and
     threshold; `oos` (one query a line) adds out-of-scope refusal; `out` writes the JSON and its PNG plots;
@@ -190,6 +191,9 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
         rows = serving_eval.label_texts(target.model_file, labels, system_prompt, texts, threads=threads,
                                         temperature=temperature)
         preds = [r.label for r in rows]
+        if keep_rows:
+            extra["rows"] = [{"text": r.text, "gold": e.label, "predicted": r.label, "confidence": r.confidence}
+                             for r, e in zip(rows, examples)]
         latencies = [r.latency_ms for r in rows]
         latency_kind = f"per request through the serving engine, {serving_eval.N_SEQ_MAX} at a time"
         oos_rows = None

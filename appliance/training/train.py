@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import LABELS_FILE, TASK_FILE
+from ..artifacts import LABELS_FILE, TASK_FILE, VALIDATION_FILE
 from ..artifacts import TRAIN_REPORT_FILE as REPORT_FILE
 from ..errors import ConfigError, InputError
-from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic
+from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic, write_text_atomic
 from .data import (CLASSIFY_SYSTEM_PROMPT, DataReport, Example, load_examples, load_labels, render_ids,
                    require_chat_template, require_valid, stratified_split, validate)
 
@@ -394,7 +394,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
             if epoch_done or (cfg.snapshot_every and step % cfg.snapshot_every == 0):
                 # The output always holds the latest finished epoch: a stopped run still ships something.
                 _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable,
-                              total_params, total_steps, steps_per_epoch, n_train, len(val_set), replay_info)
+                              total_params, total_steps, steps_per_epoch, n_train, len(val_set), replay_info,
+                              val_set if labels else None)
     except KeyboardInterrupt:
         interrupted = True
         _save_checkpoint(ckpt, cfg, model, opt, sched, state)
@@ -416,7 +417,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
 
 
 def _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable, total_params,
-                  total_steps, steps_per_epoch, n_train, n_val, replay_info=None) -> None:
+                  total_steps, steps_per_epoch, n_train, n_val, replay_info=None, val_set=None) -> None:
     import torch
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -459,7 +460,22 @@ def _write_output(cfg, model, tokenizer, labels, report, state, method, device, 
     extra: dict = {REPORT_FILE: train_report}
     if plot is not None:
         extra["loss.png"] = plot
+    if val_set:  # the held-out split travels with the adapter: `bankllm build` calibrates the served model on it
+        extra[VALIDATION_FILE] = write_validation_csv(Path(cfg.ckpt_dir()) / VALIDATION_FILE, val_set)
     save_adapter(model, tokenizer, Path(cfg.out), cfg, labels, extra)
+
+
+def write_validation_csv(path: Path, examples) -> Path:
+    """The validation split as a text,category CSV (what `bankllm eval --data` and the build's calibration read)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["text", "category"])
+    w.writerows((e.text, e.label) for e in examples)
+    write_text_atomic(path, buf.getvalue())
+    return path
 
 
 def _plot_losses(losses: list[float], dest: Path) -> Path | None:
