@@ -90,10 +90,8 @@ def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, 
     """Make the air-gap bundle: wheelhouse for this Python and platform, the built model, a sha256 manifest."""
     from ..fsutil import sha256_file
     from ..install.bundle import make_bundle
-    from ..install.source import check_sources
 
     train = pop_prefixed(train, _TRAIN)
-    check_sources(build_dir, adapter, adapter_sha256, train)
     settings = Settings.load(config=config)
     wheelhouse, build_dir = _prepare(settings, train, build_dir=build_dir, wheelhouse=wheelhouse, base=base,
                                      adapter=adapter, adapter_sha256=adapter_sha256, quant=quant)

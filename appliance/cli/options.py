@@ -51,15 +51,18 @@ def _field_option(f: dataclasses.Field, hint, *, flag: str, param: str, help: st
     if args and typing.get_origin(hint) is not tuple:  # X | None: the flag's type is X
         hint = args[0]
     default = None if f.default is dataclasses.MISSING else f.default
-    kw: dict[str, typing.Any] = {"help": help, "required": required, "show_default": default is not None}
+    kw: dict[str, typing.Any] = {"help": help, "required": required}
+    if default is not None:
+        # Only a real default is passed: click treats an explicit default=None as given, so `required` never fires.
+        kw.update(show_default=True, default=",".join(default) if isinstance(default, tuple) else default)
     if hint is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", param, default=default, **kw)
+        return click.option(f"{flag}/--no-{flag[2:]}", param, **kw)
     if typing.get_origin(hint) is tuple:
-        kw.update(type=str, callback=_split_modules, default=",".join(default) if default else None)
+        kw.update(type=str, callback=_split_modules)
     elif "choices" in cli:
-        kw.update(type=click.Choice(list(cli["choices"])), default=default)
+        kw.update(type=click.Choice(list(cli["choices"])))
     else:
-        kw.update(type=PATH if hint is Path else hint, default=default)
+        kw.update(type=PATH if hint is Path else hint)
     return click.option(flag, param, **kw)
 
 

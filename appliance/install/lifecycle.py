@@ -36,8 +36,9 @@ def _report(layout: Layout, which: str = "current") -> dict:
     info = {"build_id": bid, "path": str(layout.models_dir / bid)}
     try:
         report = store.build_report(layout.host(layout.models_dir / bid))
-    except InputError:
-        report = None
+    except InputError as exc:
+        info["verdict"] = f"unknown ({exc.message})"
+        return info
     if report is None:
         info["verdict"] = f"unknown (no {REPORT_FILE})"
         return info

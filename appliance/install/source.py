@@ -3,7 +3,6 @@ and a wheelhouse (given, or made now from this checkout)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ..errors import InputError
@@ -37,9 +36,8 @@ def train_config(settings: Settings, *, base: Path | None = None, **fields):
     from ..pipeline.base import DEFAULT_BASE_NAME, ensure_default_base
     from ..training.train import TrainConfig
 
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     # None means "not given": the field's own default applies.
-    fields = {k: v for k, v in fields.items() if k in known and v is not None}
+    fields = {k: v for k, v in fields.items() if v is not None}
     base_name = "" if base else DEFAULT_BASE_NAME
     base = Path(base) if base else ensure_default_base(settings.data_dir)
     return TrainConfig(base=base, base_name=base_name, threads=settings.resolved_threads(),
