@@ -189,7 +189,9 @@ def read_toml(path: Path, missing_ok: bool = False) -> dict:
 
 
 def toml_value(value) -> str:
-    """One value as TOML: booleans, numbers, lists, and everything else (paths too) as a basic string."""
+    """One value as TOML: booleans, numbers, lists, tables (inline), everything else (paths too) as a basic string."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

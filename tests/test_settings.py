@@ -44,13 +44,15 @@ def test_unknown_setting_points_at_a_command_that_exists():
 def test_toml_writer_round_trips_through_the_reader(tmp_path):
     values = {"host": "0.0.0.0", "port": 8081, "model": Path("/var/lib/bankllm/models/current"), "debug": True,
               "gate_ship_below": 0.04, "allowed_networks": ["10.0.0.0/8", "::1/128"],
-              "system_prompt": 'Say "no" \\ politely.\tThanks', "audit_log": None}
+              "system_prompt": 'Say "no" \\ politely.\tThanks', "audit_log": None,
+              "a_table": {"bank name": "Ours", "n": 2}}
     path = tmp_path / "x.toml"
     path.write_text(render_toml(values, ["a comment", "another"]))
     text = path.read_text()
     assert text.startswith("# a comment\n# another\n") and "audit_log" not in text
     back = read_toml(path)
     assert back == {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
+    path.write_text(render_toml({k: v for k, v in values.items() if k != "a_table"}))
     loaded = Settings.load(config=path, env={})
     assert loaded.model == values["model"] and loaded.system_prompt == values["system_prompt"]
 

@@ -17,9 +17,8 @@ def settings(config, as_json):
     """Print every setting: its effective value, its source (default, config file, environment, flag) and what it does."""
     rows = Settings.explain(config=config)
     if as_json:
-        click.echo(json.dumps([{"name": name, "value": value if value is None or isinstance(value, (bool, int, float, list))
-                                else str(value), "source": source, "help": text}
-                               for name, value, source, text in rows], indent=2))
+        click.echo(json.dumps([{"name": name, "value": value, "source": source, "help": text}
+                               for name, value, source, text in rows], indent=2, default=str))
         return
     # TOML lines: the output, sources and help being comments, is itself a valid bankllm.toml.
     for name, value, source, text in rows:
