@@ -40,7 +40,8 @@ adapter_options = compose(
 
 
 # --- train flags from TrainConfig ----------------------------------------------------------------------
-def _split_modules(ctx, param, value):
+def _split_commas(ctx, param, value):
+    """A tuple field's flag is one comma-separated string (`--target-modules q_proj,v_proj`)."""
     return tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) else value
 
 
@@ -58,7 +59,7 @@ def _field_option(f: dataclasses.Field, hint, *, flag: str, param: str, help: st
     if hint is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", param, **kw)
     if typing.get_origin(hint) is tuple:
-        kw.update(type=str, callback=_split_modules)
+        kw.update(type=str, callback=_split_commas)
     elif "choices" in cli:
         kw.update(type=click.Choice(list(cli["choices"])))
     else:
@@ -82,7 +83,9 @@ def train_options(names: typing.Iterable[str] | None = None, *, param_prefix: st
         f = fields[name]
         flag = "--" + flag_prefix + f.metadata["cli"].get("name", name.replace("_", "-"))
         text = f.metadata["help"]
-        help = help_prefix + text[:1].lower() + text[1:] if help_prefix else text
+        if help_prefix:  # "With --train: learning rate ..." (an acronym such as LoRA keeps its case)
+            text = help_prefix + (text[:1].lower() + text[1:] if text[1:2].islower() else text)
+        help = text
         flag, help = (spell or {}).get(name, (flag, help))
         decorators.append(_field_option(f, hints[name], flag=flag, param=param_prefix + name, help=help,
                                         required=required and f.metadata["cli"].get("required", False)))
