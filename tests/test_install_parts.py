@@ -77,3 +77,43 @@ def test_config_step_keeps_operator_keys_and_is_idempotent(tmp_path):
     with pytest.raises(ConfigError) as err:
         steps.write_config(settings, lay, [])
     assert "not valid TOML" in err.value.message and "rerun the install" in err.value.fix
+
+
+def test_install_train_then_build_is_the_library_s(tmp_path, monkeypatch):
+    """`install --train`: the library trains (with `bankllm train`'s defaults) and builds that adapter."""
+    import appliance.pipeline.base as base_mod
+    import appliance.pipeline.build as build_mod
+    import appliance.training.train as train_mod
+    from appliance.install import source
+    from appliance.training.train import TrainConfig
+
+    base = tmp_path / "base"
+    monkeypatch.setattr(base_mod, "ensure_default_base", lambda data_dir: base)
+    seen = {}
+
+    def fake_train(cfg, log_fn):
+        seen["cfg"] = cfg
+        log_fn("adapter: training")
+        return tmp_path / "adapters" / "trained-x"
+
+    def fake_build(settings, **kwargs):
+        seen["build"] = kwargs
+        return type("R", (), {"out_dir": tmp_path / "build"})()
+
+    monkeypatch.setattr(train_mod, "train_or_reuse", fake_train)
+    monkeypatch.setattr(build_mod, "run_build", fake_build)
+    settings = Settings.load(env={}, data_dir=tmp_path, threads=2)
+    lines: list[str] = []
+    wheels, build = source.prepare(settings, wheelhouse=tmp_path / "wh", quant="auto", log=lines.append,
+                                   train={"data": tmp_path / "d.csv", "labels": None, "epochs": 1.0,
+                                          "max_steps": 3, "lr": 2e-5})
+    assert (wheels, build) == (tmp_path / "wh", tmp_path / "build") and lines == ["adapter: training"]
+    assert seen["build"] == {"base": None, "adapter": str(tmp_path / "adapters" / "trained-x"),
+                             "adapter_sha256": None, "quant": "auto"}
+    # The same config (so the same reuse key) as the one the CLI used to build by hand.
+    by_hand = TrainConfig(data=tmp_path / "d.csv", out=tmp_path / "adapters", base=base,
+                          base_name="SmolLM2-135M-Instruct", labels=None, epochs=1.0, max_steps=3, lr=2e-5,
+                          threads=2, cache_dir=tmp_path / "cache")
+    assert seen["cfg"] == by_hand and seen["cfg"].key() == by_hand.key()
+    with pytest.raises(InputError, match="--train makes the adapter"):
+        source.prepare(settings, wheelhouse=tmp_path / "wh", adapter="a", train={"data": tmp_path / "d.csv"})
