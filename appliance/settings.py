@@ -34,7 +34,7 @@ def default_config_dir() -> Path:
 
 @dataclass
 class Settings:
-    """Every tunable of bankllm, each with a description (shown by `bankllm doctor --settings`)."""
+    """Every tunable of bankllm, each with a description (shown by `bankllm settings`)."""
 
     # --- general -----------------------------------------------------------------------------
     debug: bool = field(default=False, metadata=_doc("Show tracebacks on errors."))
@@ -117,27 +117,36 @@ class Settings:
     @classmethod
     def load(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None, **overrides) -> "Settings":
         """Build settings from defaults, a TOML file, BANKLLM_* variables, then explicit overrides (None = unset)."""
+        return cls.resolve(config, env, **overrides)[0]
+
+    @classmethod
+    def resolve(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None,
+                **overrides) -> tuple["Settings", dict[str, str]]:
+        """`load`, plus where each value came from: default, config file PATH, environment BANKLLM_X, or flag."""
         env = os.environ if env is None else env
         values: dict[str, typing.Any] = {}
+        sources: dict[str, str] = {}
         if config is None and env.get(ENV_PREFIX + "CONFIG"):
             config = Path(env[ENV_PREFIX + "CONFIG"])
+        names = [f.name for f in dataclasses.fields(cls)]
         if config is not None:
-            values.update(_read_toml(Path(config)))
-        names = {f.name for f in dataclasses.fields(cls)}
-        for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            from_file = read_toml(Path(config))
+            values.update(from_file)
+            sources.update({k: f"config file {config}" for k in from_file})
+        for name in names:
+            raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[f.name] = raw
+                values[name], sources[name] = raw, f"environment {ENV_PREFIX}{name.upper()}"
         for key, value in overrides.items():
             if key not in names:
-                raise ConfigError(f"unknown setting {key!r}", "see `bankllm doctor --settings` for the list")
+                raise ConfigError(f"unknown setting {key!r}", "see `bankllm settings` for the list")
             if value is not None:
-                values[key] = value
+                values[key], sources[key] = value, "flag"
         hints = typing.get_type_hints(cls)
         kwargs = {name: _coerce(name, hints[name], value) for name, value in values.items()}
         settings = cls(**kwargs)
         settings.validate()
-        return settings
+        return settings, {name: sources.get(name, "default") for name in names}
 
     def validate(self) -> None:
         if not (0 < self.gate_ship_below <= self.gate_warn_below <= self.gate_escalate_below):
@@ -171,6 +180,14 @@ class Settings:
             return Path(env["CREDENTIALS_DIRECTORY"]) / "api-keys"
         return default_config_dir() / "api-keys"
 
+    @classmethod
+    def explain(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None,
+                **overrides) -> list[tuple[str, typing.Any, str, str]]:
+        """(name, effective value, where it came from, description) for every setting."""
+        settings, sources = cls.resolve(config, env, **overrides)
+        return [(f.name, getattr(settings, f.name), sources[f.name], f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]
+
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:
         """(name, default, description) for every setting."""
@@ -187,15 +204,37 @@ def env_flag(name: str, env: typing.Mapping[str, str] | None = None) -> str | No
     return env.get(ENV_PREFIX + name)
 
 
-def _read_toml(path: Path) -> dict:
+def read_toml(path: Path, missing_ok: bool = False) -> dict:
+    """A bankllm TOML file's settings (flat, or under one [bankllm] table); {} for a missing file with `missing_ok`."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
+        if missing_ok:
+            return {}
         raise ConfigError(f"configuration file {path} does not exist", "create it or drop --config") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}", "fix the syntax") from None
-    # Accept both a flat file and one [bankllm] table.
     return data.get("bankllm", data)
+
+
+def toml_value(value) -> str:
+    """One value as TOML: booleans, numbers, lists, tables (inline), everything else (paths too) as a basic string."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def render_toml(values: typing.Mapping[str, typing.Any], comments: typing.Iterable[str] = ()) -> str:
+    """A flat settings file that `read_toml` reads back: comment lines, then `key = value` (None left out)."""
+    lines = [f"# {c}" for c in comments]
+    lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
 
 
 def _coerce(name: str, hint, value):

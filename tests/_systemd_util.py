@@ -78,8 +78,10 @@ def build_dir(dest: Path, build_id: str) -> Path:
     except OSError:
         shutil.copyfile(default_gguf(), dest / "model.gguf")
     (dest / "Modelfile").write_text("FROM ./model.gguf\nPARAMETER temperature 0\n")
+    # A complete report (the installer reads it through pipeline.report's checks), with placeholder inputs.
     (dest / "build-report.json").write_text(json.dumps({
-        "build_id": build_id, "verdict": "ship",
+        "schema": 1, "build_id": build_id, "inputs_digest": build_id, "base": {}, "adapter": {}, "steps": [],
+        "gate": {}, "versions": {}, "verdict": "ship",
         "chosen": {"quant": "Q4_1", "ppl_increase": 0.0}, "note": "assembled by the install tests"}))
     return dest
 

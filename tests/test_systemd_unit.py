@@ -9,7 +9,6 @@ import pytest
 
 from appliance.errors import ConfigError
 from appliance.install import systemd as sd
-from appliance.install.installer import _user_unit
 from appliance.install.layout import system_layout
 
 EXPOSURE_TARGET = 1.5
@@ -72,8 +71,11 @@ def test_systemd_analyze_verify_is_clean(tmp_path):
 
 
 def test_user_unit_verifies(tmp_path):
-    text = _user_unit(_render())
+    text = _render(user=True)
     assert "DynamicUser" not in text and "WantedBy=default.target" in text and "ProtectHome=read-only" in text
+    # A user manager has no BPF filters: the socket and IP filter lines are left out, everything else stays.
+    assert not any(k in text for k in ("IPAddressDeny", "IPAddressAllow", "SocketBindDeny", "SocketBindAllow"))
+    assert "@" not in "".join(l for l in text.splitlines() if not l.startswith("#")).replace("~@", "").replace("=@", "")
     unit = _staged_root(tmp_path, text)
     assert sd.verify_unit(unit, root=tmp_path) == []
 

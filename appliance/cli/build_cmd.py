@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..settings import Settings
+from .options import PATH, config_option
 
 
 @click.command()
-@click.option("--base", type=click.Path(path_type=Path), help="16-bit Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--base", type=PATH, help="16-bit Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct).")
 @click.option("--adapter", help="PEFT LoRA directory, .tar/.tar.gz/.zip of one, or http(s) URL (default: the shipped adapter).")
 @click.option("--adapter-sha256", help="Expected sha256 of the adapter archive (or of adapter_model.safetensors for a directory).")
 @click.option("--quant", default="auto", show_default=True, help="auto walks Q4_K_M -> Q5_K_M -> Q6_K -> Q8_0; or one of them.")
-@click.option("--ppl-text", type=click.Path(path_type=Path), help="Banking text for the perplexity gate (default: the shipped one).")
-@click.option("--out", type=click.Path(path_type=Path), help="Build directory (default: <data dir>/builds/<build id>).")
+@click.option("--ppl-text", type=PATH, help="Banking text for the perplexity gate (default: the shipped one).")
+@click.option("--out", type=PATH, help="Build directory (default: <data dir>/builds/<build id>).")
 @click.option("--force", is_flag=True, help="Ship an explicit --quant even if it fails the gate (recorded in the report).")
-@click.option("--config", type=click.Path(path_type=Path), help="bankllm TOML settings file.")
 @click.option("--chat-template", help="For a base without one: chatml, llama3, gemma (also phi3, mistral) or a Jinja FILE.")
-def build(base, adapter, adapter_sha256, quant, ppl_text, out, force, config, chat_template):
+@config_option
+def build(config, **options):
     """Merge an adapter into the 16-bit base, convert, quantize behind the quality gate, write a Modelfile."""
     from ..pipeline.build import run_build
 
-    settings = Settings.load(config=config)
-    result = run_build(settings, base=base, adapter=adapter, adapter_sha256=adapter_sha256, quant=quant,
-                       ppl_text=ppl_text, out=out, force=force,
-                       chat_template=chat_template)
+    result = run_build(Settings.load(config=config), **options)
     chosen = result.report["chosen"]
     click.echo(f"build {result.build_id}: {chosen['model']} {result.report['verdict']} "
                f"(ppl {chosen['ppl_increase']:+.2%} vs f16, KLD {chosen['mean_kld']:.4f}, "

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from ..settings import Settings
-
-_PATH = click.Path(path_type=Path)
+from .options import config_option, keys_file_option
 
 
 def _keys_file(keys_file: Path | None, config: Path | None) -> Path:
@@ -22,8 +21,8 @@ def keys():
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who or what the key is for (unique among active keys).")
-@click.option("--keys-file", type=_PATH, help="Key hash file (default: where `bankllm serve` reads keys).")
-@click.option("--config", type=_PATH, help="bankllm TOML settings file.")
+@keys_file_option("Key hash file (default: where `bankllm serve` reads keys).")
+@config_option
 def create(name, keys_file, config):
     """Create a key and print it once; only its salted hash is stored."""
     from ..service.keys import create_key
@@ -35,8 +34,8 @@ def create(name, keys_file, config):
 
 
 @keys.command("list")
-@click.option("--keys-file", type=_PATH, help="Key hash file.")
-@click.option("--config", type=_PATH, help="bankllm TOML settings file.")
+@keys_file_option()
+@config_option
 def list_(keys_file, config):
     """List keys (id, name, created, revoked); never the keys themselves."""
     from ..service.keys import load_records
@@ -51,8 +50,8 @@ def list_(keys_file, config):
 
 @keys.command("revoke")
 @click.argument("key")
-@click.option("--keys-file", type=_PATH, help="Key hash file.")
-@click.option("--config", type=_PATH, help="bankllm TOML settings file.")
+@keys_file_option()
+@config_option
 def revoke(key, keys_file, config):
     """Revoke the key with this id or name (a running service stops accepting it at once)."""
     from ..service.keys import revoke_key

@@ -37,9 +37,9 @@ def cli():
 
 def _register() -> None:
     # One line per command module; each module's register() adds its commands.
-    from . import answers_cmd, build_cmd, eval_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd
+    from . import answers_cmd, build_cmd, eval_cmd, install_cmd, keys_cmd, serve_cmd, settings_cmd, train_cmd
 
-    for module in (build_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd, eval_cmd, answers_cmd):
+    for module in (build_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd, eval_cmd, settings_cmd, answers_cmd):
         module.register(cli)
 
 

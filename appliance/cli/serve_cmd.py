@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..settings import Settings
-
-_PATH = click.Path(path_type=Path)
+from .options import PATH, config_option, keys_file_option, threads_option
 
 
 @click.command("serve")
-@click.option("--model", type=_PATH, help="GGUF file or build directory (default: the `model` setting).")
+@click.option("--model", type=PATH, help="GGUF file or build directory (default: the `model` setting).")
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="TCP port (default 8080).")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: all cores).")
-@click.option("--keys-file", type=_PATH, help="API key hash file (default: $CREDENTIALS_DIRECTORY/api-keys).")
-@click.option("--config", type=_PATH, help="bankllm TOML settings file.")
+@threads_option
+@keys_file_option("API key hash file (default: $CREDENTIALS_DIRECTORY/api-keys).")
+@config_option
 def serve(model, host, port, threads, keys_file, config):
     """Serve the model: OpenAI-compatible /v1, banking /api/v1, /health, /ready, /metrics."""
     import uvicorn

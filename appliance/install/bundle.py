@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..artifacts import MODEL_FILE
 from ..errors import ChecksumError, InputError, InstallError
 from ..fsutil import CHUNK, atomic_path, require_free_disk, sha256_file
+from .store import build_report
 from .venv import python_tag
 
 SCHEMA = "bankllm-bundle/1"
@@ -58,8 +60,8 @@ def make_wheelhouse(dest: Path, python: Path, project: Path, timeout: float = 18
 def make_bundle(out: Path, build_dir: Path, wheelhouse: Path, python: Path) -> dict:
     """Write the bundle tar atomically; return its manifest."""
     build_dir, wheelhouse = Path(build_dir), Path(wheelhouse)
-    if not (build_dir / "model.gguf").is_file():
-        raise InputError(f"{build_dir} has no model.gguf", "pass a directory made by `bankllm build`")
+    if not (build_dir / MODEL_FILE).is_file():
+        raise InputError(f"{build_dir} has no {MODEL_FILE}", "pass a directory made by `bankllm build`")
     wheels = sorted(wheelhouse.glob("*.whl"))
     if not any(w.name.startswith("bankllm-") for w in wheels):
         raise InputError(f"wheelhouse {wheelhouse} has no bankllm wheel", "rebuild it with `bankllm bundle`")
@@ -68,7 +70,7 @@ def make_bundle(out: Path, build_dir: Path, wheelhouse: Path, python: Path) -> d
         if p.is_file() and not p.name.startswith("."):
             files[f"{MODEL}/{p.name}"] = p
     tag, machine = python_tag(python)
-    report = _read_json(build_dir / "build-report.json")
+    report = build_report(build_dir)
     manifest = {
         "schema": SCHEMA, "bankllm_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "python_tag": tag, "machine": machine, "build_id": report.get("build_id") if report else None,
@@ -146,6 +148,3 @@ def open_bundle(path: Path, dest: Path, python: Path | None = None) -> OpenedBun
                 "make the bundle on a machine with the same Python version and CPU architecture")
     return OpenedBundle(dest, manifest)
 
-
-def sha256_of_bundle(path: Path) -> str:
-    return sha256_file(Path(path))

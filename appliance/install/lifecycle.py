@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InstallError
+from ..artifacts import MODEL_FILE, REPORT_FILE
+from ..errors import InputError, InstallError
 from ..settings import Settings
+from . import store
 from . import systemd as sd
-from .installer import current_build, endpoint_of, foreground_command, port_in_use, probe, read_first_key, wait_ready
+from .health import endpoint_of, port_in_use, probe, read_first_key, wait_ready
 from .layout import USER, Layout
 from .lock import install_lock
-from .venv import python_tag, switch_link
+from .summary import foreground_command
+from .venv import python_tag
 
 
 def _unit_state(layout: Layout) -> dict:
@@ -28,17 +30,21 @@ def _unit_state(layout: Layout) -> dict:
 
 
 def _report(layout: Layout, which: str = "current") -> dict:
-    bid = current_build(layout, which)
+    bid = store.current_build(layout, which)
     if bid is None:
         return {}
     info = {"build_id": bid, "path": str(layout.models_dir / bid)}
     try:
-        report = json.loads(layout.host(layout.models_dir / bid / "build-report.json").read_text())
-        chosen = report.get("chosen") or {}
-        info.update(verdict=report.get("verdict"), quant=chosen.get("quant") or chosen.get("model"),
-                    ppl_increase=chosen.get("ppl_increase"))
-    except (OSError, ValueError):
-        info["verdict"] = "unknown (no build-report.json)"
+        report = store.build_report(layout.host(layout.models_dir / bid))
+    except InputError as exc:
+        info["verdict"] = f"unknown ({exc.message})"
+        return info
+    if report is None:
+        info["verdict"] = f"unknown (no {REPORT_FILE})"
+        return info
+    chosen = report.get("chosen") or {}
+    info.update(verdict=report.get("verdict"), quant=chosen.get("quant") or chosen.get("model"),
+                ppl_increase=chosen.get("ppl_increase"))
     return info
 
 
@@ -85,7 +91,7 @@ def doctor(settings: Settings, layout: Layout) -> list[Finding]:
     found.append(Finding("ok" if "avx2" in flags else "warn", f"CPU features: {', '.join(simd) or 'no AVX2'}",
                          "" if "avx2" in flags else "expect slow generation; use a CPU with AVX2"))
 
-    model = layout.host(layout.current / "model.gguf")
+    model = layout.host(layout.current / MODEL_FILE)
     size = model.stat().st_size if model.is_file() else 0
     if not size:
         found.append(Finding("warn", f"no model installed at {layout.current}", "run `bankllm install`"))
@@ -151,14 +157,11 @@ def doctor(settings: Settings, layout: Layout) -> list[Finding]:
 def rollback(settings: Settings, layout: Layout, log=print) -> tuple[str, str]:
     """Swap `current` and `previous`; restart and wait for /ready where systemd runs. Returns (from, to)."""
     with install_lock(layout.host(layout.lock_file)):
-        cur, prev = current_build(layout), current_build(layout, "previous")
-        if not prev or not layout.host(layout.models_dir / prev / "model.gguf").is_file():
+        cur, prev = store.current_build(layout), store.current_build(layout, "previous")
+        if not store.has_build(layout, prev):
             raise InstallError("there is no previous model to roll back to",
                                "a rollback needs an earlier install; `bankllm status` lists what is kept")
-        models = layout.host(layout.models_dir)
-        switch_link(models / "current", prev)
-        if cur:
-            switch_link(models / "previous", cur)
+        store.swap(layout)
         if layout.is_live and sd.systemd_running() and layout.host(layout.unit_path).is_file():
             user = layout.mode == USER
             sd.systemctl("reset-failed", sd.UNIT_NAME, user=user, check=False)

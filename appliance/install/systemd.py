@@ -17,6 +17,9 @@ from ..resources import systemd_dir
 UNIT_NAME = "bankllm.service"
 TEMPLATE_NAME = "bankllm.service.in"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+# Marks a template line for the system manager only: a user manager (`install --user`) has no DynamicUser
+# (the service runs as the user) and no BPF socket or IP filters, so the user unit leaves those lines out.
+_SYSTEM_ONLY = "@SYSTEM@"
 
 
 def template_text() -> str:
@@ -37,8 +40,9 @@ def ip_allow_list(networks: list[str]) -> list[str]:
     return entries
 
 
-def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_networks: list[str]) -> str:
-    """The unit text for these paths and settings; fails on any placeholder left unfilled."""
+def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_networks: list[str],
+                user: bool = False) -> str:
+    """The unit text for these paths and settings (for a user manager with `user`); fails on any placeholder left unfilled."""
     if port < 1024:
         # The unit has no capabilities and a private user namespace, so it can never bind a privileged port.
         raise ConfigError(f"port {port} is privileged and the hardened unit holds no capabilities",
@@ -48,6 +52,9 @@ def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_ne
         "KEYS_FILE": str(keys_file),
         "PORT": str(port),
         "IP_ALLOW": " ".join(ip_allow_list(allowed_networks)),
+        # A user install's code lives in the user's home, which the service must read.
+        "PROTECT_HOME": "read-only" if user else "yes",
+        "WANTED_BY": "default.target" if user else "multi-user.target",
     }
     for key, value in values.items():
         if "\n" in value or "%" in value:
@@ -61,7 +68,14 @@ def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_ne
                                "reinstall bankllm; the shipped template does not match this version")
         return values[name]
 
-    return _PLACEHOLDER.sub(fill, template_text())
+    lines = []
+    for line in template_text().splitlines(keepends=True):
+        if line.startswith(_SYSTEM_ONLY):
+            if user:
+                continue
+            line = line[len(_SYSTEM_ONLY):]
+        lines.append(line)
+    return _PLACEHOLDER.sub(fill, "".join(lines))
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:

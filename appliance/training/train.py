@@ -29,41 +29,60 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 METHODS = ("auto", "unsloth", "peft")
 
 
+def _flag(help: str, **cli) -> dict:
+    """Field metadata that `bankllm train` (and `install --train`) turn into a flag: its help, and how to spell it."""
+    return {"help": help, "cli": cli}
+
+
 @dataclass
 class TrainConfig:
-    """Everything that decides what a training run produces (its hash keys the resumable checkpoint)."""
+    """Everything that decides what a training run produces (its hash keys the resumable checkpoint).
 
-    data: Path
-    out: Path
-    base: Path
+    A field with `_flag` metadata is a `bankllm train` flag: its help and default live here only.
+    """
+
+    data: Path = field(metadata=_flag('text,category CSV or chat JSONL ({"messages": [...]} per line).',
+                                      required=True))
+    out: Path = field(metadata=_flag("Adapter directory to write (PEFT LoRA + labels.json + train-report.json).",
+                                     required=True))
+    base: Path = field(metadata=_flag("16-bit HF checkpoint (default: the embedded SmolLM2-135M-Instruct)."))
     base_name: str = ""                     # written as the adapter's base_model_name_or_path
-    labels: Path | None = None
-    method: str = "auto"
-    epochs: float = 1.0
-    batch_size: int = 16
-    lr: float = 2e-4
-    loraplus_ratio: float = 8.0             # B matrices learn this many times faster (LoRA+)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    labels: Path | None = field(default=None, metadata=_flag(
+        "Allowed labels (JSON list or one per line); default: the CSV's categories."))
+    method: str = field(default="auto", metadata=_flag("auto = unsloth where installed, else peft.", choices=METHODS))
+    epochs: float = field(default=1.0, metadata=_flag("Passes over the training data."))
+    batch_size: int = field(default=16, metadata=_flag("Samples per optimizer step."))
+    lr: float = field(default=2e-4, metadata=_flag("Learning rate of the LoRA A matrices."))
+    loraplus_ratio: float = field(default=8.0, metadata=_flag(
+        "LoRA+: B matrices learn this many times faster (1 = plain LoRA)."))
+    lora_r: int = field(default=16, metadata=_flag("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_flag("LoRA scale numerator (the update is scaled by alpha / r)."))
+    lora_dropout: float = field(default=0.0, metadata=_flag("Dropout on the LoRA input."))
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata=_flag(
+        "Comma-separated module names LoRA adapts."))
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
-    max_seq_len: int = 128
-    val_fraction: float = 0.1
-    val_limit: int | None = None            # at most this many validation rows for the per-epoch accuracy
-    seed: int = 42
-    max_steps: int | None = None            # stop after this many optimizer steps (tests, smoke runs)
+    max_seq_len: int = field(default=128, metadata=_flag("Longer samples are reported and left out."))
+    val_fraction: float = field(default=0.1, metadata=_flag(
+        "Stratified held-out validation share (never trained on)."))
+    val_limit: int | None = field(default=None, metadata=_flag(
+        "Score at most this many validation rows after each epoch."))
+    seed: int = field(default=42, metadata=_flag("Seed of the split, the batch order and the LoRA initialisation."))
+    max_steps: int | None = field(default=None, metadata=_flag(
+        "Stop after this many optimizer steps (smoke runs, tests)."))
     limit: int | None = None                # use only the first N rows of the data (tests)
-    checkpoint_every: int = 50
-    forgetting: bool = True                 # run the general-prompt check on base vs fine-tuned at the end
+    checkpoint_every: int = field(default=50, metadata=_flag("Steps between resumable checkpoints."))
+    forgetting: bool = field(default=True, metadata=_flag(
+        "Fail when general-prompt pass rate drops >10 points.", name="forgetting-check"))
     snapshot_every: int = 0                 # also write the adapter to `out` every N steps (0 = per epoch only)
     threads: int = 0
     bf16: bool = False                      # bf16 autocast (fp32 master weights); fast on CPUs with AVX512-BF16/AMX
     system_prompt: str = CLASSIFY_SYSTEM_PROMPT
     checkpoint_dir: Path | None = None
     init_adapter: Path | None = None        # start from this adapter's weights instead of a fresh LoRA (peft path)
-    replay: bool = True                     # classification data: mix in the base's own general answers (replay.py)
+    replay: bool = field(default=True, metadata=_flag(
+        "Mix the base's own answers to general prompts into classification data (keeps it answering ordinary "
+        "questions)."))
     cache_dir: Path | None = None           # where the replayed answers are cached (per base)
     chat_template: str | None = field(default=None, metadata={"help": (
         "For a base without a chat template (a plain pretrained model): chatml, llama3, gemma (also phi3, mistral) "
