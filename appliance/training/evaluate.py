@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, InputError
+from ..pipeline.progress import Progress
 from .data import CLASSIFY_SYSTEM_PROMPT, load_examples, load_labels, prompt_ids, render_ids
 
 LABELS_FILE = "labels.json"
@@ -207,13 +208,16 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
     texts = [e.text for e in examples]
     latencies: list[float] = []
     t_start = time.perf_counter()
+    progress = Progress()
     if target.kind == "gguf":
-        clf = GGUFClassifier(target.model_file, labels, system_prompt, threads=threads)
-        preds = []
-        for text in texts:
-            t0 = time.perf_counter()
-            preds.append(clf.classify(text))
-            latencies.append((time.perf_counter() - t0) * 1000)
+        with progress.stage(f"classify {len(texts)} rows with {target.model_file.name}", total=len(texts)):
+            clf = GGUFClassifier(target.model_file, labels, system_prompt, threads=threads)
+            preds = []
+            for text in texts:
+                t0 = time.perf_counter()
+                preds.append(clf.classify(text))
+                latencies.append((time.perf_counter() - t0) * 1000)
+                progress.advance()
         latency_kind = "per request (llama.cpp, one at a time)"
     else:
         import torch
@@ -227,7 +231,8 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
             from peft import PeftModel
             hf = PeftModel.from_pretrained(hf, adapter)
         hf.eval()
-        preds = LabelDecoder(tokenizer, labels, system_prompt).predict(hf, texts, latencies_ms=latencies)
+        with progress.stage(f"classify {len(texts)} rows with {target.model_file.name}"):
+            preds = LabelDecoder(tokenizer, labels, system_prompt).predict(hf, texts, latencies_ms=latencies)
         latency_kind = "per row, amortized over batches of 32 (HF, fp32)"
     result = score([e.label for e in examples], preds, labels)
     return {"model": str(model), "kind": target.kind, "adapter": str(adapter) if adapter else None, "data": str(data),

@@ -11,11 +11,11 @@ import math
 import random
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import console
 from ..errors import ConfigError, InputError
 from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic
 from .data import (CLASSIFY_SYSTEM_PROMPT, DataReport, Example, load_examples, load_labels, render_ids,
@@ -314,11 +314,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     decoder = LabelDecoder(tokenizer, labels, cfg.system_prompt) if labels else None
     val_eval = val_set[:cfg.val_limit] if cfg.val_limit else val_set
     lengths = [len(ids) for ids, _ in train_tok]
-    show = sys.stderr.isatty() if progress is None else progress
+    show = console.is_terminal() if progress is None else progress
     bar = None
     if show:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True)
+        from ..pipeline.progress import StepBar
+        bar = StepBar(total=total_steps, initial=state["step"], unit="step")
 
     model.train()
     step = state["step"]
