@@ -18,11 +18,13 @@ TRAIN_FLAGS = ["--data", "--out", "--base", "--labels", "--method", "--epochs", 
                "--no-forgetting-check", "--replay", "--no-replay", "--resume", "--config"]
 BUILD_SOURCES = ["--build", "--wheelhouse", "--base", "--adapter", "--adapter-sha256", "--train", "--labels",
                  "--train-epochs", "--train-max-steps", "--train-lr", "--quant", "--config"]
-# The flags of every command as they were before the options were shared, in --help order.
+# The flags of every command as they were before the options were shared, in --help order (plus, since: build's
+# --chat-template for a base without one, eval's --oos and --fit, `answers check`).
 FLAGS = {
     ("train",): TRAIN_FLAGS,
-    ("build",): ["--base", "--adapter", "--adapter-sha256", "--quant", "--ppl-text", "--out", "--force", "--config"],
-    ("eval",): ["--model", "--data", "--labels", "--adapter", "--limit", "--out", "--config"],
+    ("build",): ["--base", "--adapter", "--adapter-sha256", "--quant", "--ppl-text", "--out", "--force",
+                 "--chat-template", "--config"],
+    ("eval",): ["--model", "--data", "--labels", "--adapter", "--limit", "--oos", "--fit", "--out", "--config"],
     ("serve",): ["--model", "--host", "--port", "--threads", "--keys-file", "--config"],
     ("keys", "create"): ["--name", "--keys-file", "--config"],
     ("keys", "list"): ["--keys-file", "--config"],

@@ -77,9 +77,14 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
     for line in summary(result, settings):
         click.echo(line)
     if foreground and layout.is_live and not no_start and not result.systemd:
+        import os
+
+        from ..console import release
+
         argv = foreground_argv(layout)
         click.echo(f"serving in the foreground: {' '.join(argv)}", err=True)
         sys.stdout.flush()
+        release()  # the service's own output goes to the terminal, not to this install's log
         os.execv(argv[0], argv)
 
 

@@ -7,6 +7,7 @@ import sys
 import click
 
 from .. import __version__
+from ..console import job
 from ..errors import BankllmError, format_error
 from ..settings import env_flag
 
@@ -41,6 +42,9 @@ def _register() -> None:
 
     for module in (build_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd, eval_cmd, settings_cmd, answers_cmd):
         module.register(cli)
+    # The jobs: library output to a log file, bankllm's own progress on the terminal (console.py).
+    for name in ("train", "build", "eval", "install", "bundle"):
+        cli.commands[name].callback = job(name)(cli.commands[name].callback)
 
 
 _register()

@@ -27,7 +27,7 @@ from .convert import convert_to_gguf, converter_version
 from .gate import Gate
 from .merge import merge_adapter, with_chat_template
 from .modelfile import resolve_chat_template, template_family, write_modelfile
-from .progress import Progress
+from .progress import Progress, build_summary
 from .quantize import FTYPES, quantize
 
 
@@ -235,8 +235,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         }
         write_report(tmp, report)
     shutil.rmtree(work, ignore_errors=True)
-    for w in warnings:
-        progress.info(f"[bankllm] warning: {w}")
+    progress.summary(*build_summary(report, out_dir))
     return BuildResult(out_dir, build_id, report, reused=False)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..artifacts import MODEL_FILE, AdapterDir, BuildDir
 from ..errors import DataError, InputError
+from ..pipeline.progress import Progress
 from .data import CLASSIFY_SYSTEM_PROMPT, load_examples, load_labels, prompt_ids, render_ids
 
 
@@ -181,6 +182,7 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
     texts = [e.text for e in examples]
     latencies: list[float] = []
     t_start = time.perf_counter()
+    progress = Progress()
     extra: dict = {}
     if target.kind == "gguf":
         from . import serving_eval
@@ -188,8 +190,9 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
         task = target.artifacts.task() if target.artifacts else None
         temperature = task.calibration.temperature if task and task.calibration else 1.0
         threshold = task.threshold if task else None
-        rows = serving_eval.label_texts(target.model_file, labels, system_prompt, texts, threads=threads,
-                                        temperature=temperature)
+        with progress.stage(f"classify {len(texts)} rows with {target.model_file.name}"):
+            rows = serving_eval.label_texts(target.model_file, labels, system_prompt, texts, threads=threads,
+                                            temperature=temperature)
         preds = [r.label for r in rows]
         if keep_rows:
             extra["rows"] = [{"text": r.text, "gold": e.label, "predicted": r.label, "confidence": r.confidence}
@@ -225,7 +228,8 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
             from peft import PeftModel
             hf = PeftModel.from_pretrained(hf, adapter)
         hf.eval()
-        preds = LabelDecoder(tokenizer, labels, system_prompt).predict(hf, texts, latencies_ms=latencies)
+        with progress.stage(f"classify {len(texts)} rows with {target.model_file.name}"):
+            preds = LabelDecoder(tokenizer, labels, system_prompt).predict(hf, texts, latencies_ms=latencies)
         latency_kind = "per row, amortized over batches of 32 (HF, fp32)"
     result = score([e.label for e in examples], preds, labels)
     result = {"model": str(model), "kind": target.kind, "adapter": str(adapter) if adapter else None,

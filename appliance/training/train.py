@@ -11,11 +11,11 @@ import math
 import random
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import console
 from ..artifacts import LABELS_FILE, TASK_FILE, VALIDATION_FILE
 from ..artifacts import TRAIN_REPORT_FILE as REPORT_FILE
 from ..errors import ConfigError, InputError
@@ -360,11 +360,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     decoder = LabelDecoder(tokenizer, labels, cfg.system_prompt) if labels else None
     val_eval = val_set[:cfg.val_limit] if cfg.val_limit else val_set
     lengths = [len(ids) for ids, _ in train_tok]
-    show = sys.stderr.isatty() if progress is None else progress
+    show = console.is_terminal() if progress is None else progress
     bar = None
     if show:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True)
+        from ..pipeline.progress import StepBar
+        bar = StepBar(total=total_steps, initial=state["step"], unit="step")
 
     model.train()
     step = state["step"]
