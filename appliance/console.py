@@ -150,7 +150,7 @@ def release() -> None:
         os.dup2(cap.saved[fd], fd)
         os.close(cap.saved[fd])
     if cap.tee is not None:
-        cap.tee.join(timeout=5)  # EOF once fds 1 and 2 let go of the pipe (a child still holding it: give up)
+        cap.tee.join(timeout=30)  # EOF once fds 1 and 2 let go of the pipe (a child still holding it: give up)
     for stream in (cap.out, cap.err):
         _consoles.pop(id(stream), None)
         stream.close()
