@@ -14,6 +14,8 @@ import pytest
 from appliance.answers import AnswerLibrary, AnswerLibraryError, default_answers_file, read_library
 from appliance.errors import InputError, format_error
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "build" / "default" / "answers.toml"
 LABELS_FILE = REPO / "build" / "default" / "labels.json"

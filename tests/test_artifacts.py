@@ -12,6 +12,8 @@ from appliance.artifacts import (DEFAULT_SYSTEM_PROMPT, LABELS_FILE, MODEL_FILE,
 from appliance.errors import DataError, InputError, LabelsError, format_error
 from appliance.resources import default_adapter_dir, default_dir
 
+pytestmark = pytest.mark.fast
+
 
 def write(path, text):
     path.write_text(text)

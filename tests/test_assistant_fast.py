@@ -12,6 +12,8 @@ from appliance.service.assistant import (APPROVED, CLARIFY, OUT, OUT_OF_SCOPE, P
                                          resolve_choice)
 from appliance.training import calibration as cal
 
+pytestmark = pytest.mark.fast
+
 DESC = {"card_arrival": "a new card that has not arrived yet", "lost_or_stolen_card": "a card that was lost or stolen",
         "declined_card_payment": "a card payment that was declined", "top_up_failed": "a top-up that failed"}
 

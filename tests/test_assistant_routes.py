@@ -14,6 +14,8 @@ from appliance.service.app import create_app
 from appliance.service.engine.fake import FakeEngine
 from appliance.settings import Settings
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[1]
 LABELS = json.loads((REPO / "build" / "default" / "labels.json").read_text())
 

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from appliance.cli.main import cli
 from appliance.training.train import DEFAULT_TARGETS, TrainConfig
 
+pytestmark = pytest.mark.fast
+
 TRAIN_FLAGS = ["--data", "--out", "--base", "--labels", "--method", "--epochs", "--batch-size", "--lr",
                "--loraplus-ratio", "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules", "--max-seq-len",
                "--val-fraction", "--val-limit", "--seed", "--max-steps", "--checkpoint-every", "--forgetting-check",

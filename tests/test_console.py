@@ -24,6 +24,8 @@ from transformers.utils import logging as hf_logging
 from appliance import console
 from appliance.pipeline.progress import Progress
 
+pytestmark = pytest.mark.fast
+
 with console.captured(Path(sys.argv[1])):
     warnings.warn("marker-python-warning")
     hf_logging.get_logger("transformers.test").warning("marker-transformers-log")

@@ -16,6 +16,8 @@ from appliance.service.engine.slots import SlotTable, common_prefix
 from appliance.service.engine.text import TextStream
 from appliance.service.errors import BusyError
 
+pytestmark = pytest.mark.fast
+
 
 # ---------------------------------------------------------------------------------------------- slot table
 

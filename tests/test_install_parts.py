@@ -15,6 +15,8 @@ from appliance.install import steps, store
 from appliance.install.layout import system_layout
 from appliance.settings import Settings
 
+pytestmark = pytest.mark.fast
+
 
 def _build(dest: Path, build_id: str | None, payload: bytes = b"GGUF") -> Path:
     dest.mkdir(parents=True)

@@ -13,6 +13,8 @@ from appliance.cli.main import cli
 from appliance.errors import ConfigError
 from appliance.settings import Settings, read_toml, render_toml
 
+pytestmark = pytest.mark.fast
+
 
 def test_each_value_knows_its_source(tmp_path):
     cfg = tmp_path / "bankllm.toml"
