@@ -179,7 +179,7 @@ def test_cli_check_refuses_each_bad_file_with_its_line(tmp_path):
 
 def test_cli_check_reads_labels_beside_the_file(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps(LABELS[:-1]))  # a model without country_support
-    (tmp_path / "answers.toml").write_text(TEXT)
+    (tmp_path / "answers.toml").write_text(TEXT + "\n# the bank's own copy\n")  # not the shipped default
     proc = _check(tmp_path / "answers.toml")
     assert proc.returncode != 0 and "'country_support'" in proc.stderr and "not a label" in proc.stderr
 
@@ -192,3 +192,14 @@ def test_out_of_scope_sets():
     assert len(train) + len(val) >= 400
     assert not set(map(str.lower, train)) & set(map(str.lower, val))
     assert 0.55 <= len(train) / (len(train) + len(val)) <= 0.65
+
+
+def test_the_default_library_serves_a_model_on_some_banking77_intents():
+    """A model trained on a few Banking77 intents gets the default's answers for those; a bank's own library must
+    match exactly, and a label the default lacks is refused with the way out."""
+    labels = ["card_arrival", "top_up_failed", "out_of_scope"]
+    lib = AnswerLibrary.load(default_answers_file(), labels)
+    assert set(lib.labels) == {"card_arrival", "top_up_failed"}
+    with pytest.raises(AnswerLibraryError, match="mortgage_rates") as refused:
+        AnswerLibrary.load(default_answers_file(), ["card_arrival", "mortgage_rates"])
+    assert "answers_file" in refused.value.fix
