@@ -37,7 +37,7 @@ MAX_DROP = 0.10  # the fine-tuned pass rate may fall at most 10 points below the
 MAX_PPL_INCREASE = 0.25
 PPL_WINDOW = 512  # tokens scored per forward pass: the text is cut into windows this long
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER_OR_WORD = re.compile(r"\d+(?:\.\d+)?|[a-z]+")
 _WORD_NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
@@ -51,18 +51,18 @@ class Probe:
     check: dict  # {"type": ..., ...}: see CHECKS
 
 
-def _numbers(text: str) -> set[str]:
-    found = {n.rstrip("0").rstrip(".") if "." in n else n for n in _NUMBER.findall(text.replace(",", " "))}
-    found |= {_WORD_NUMBERS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _WORD_NUMBERS}
-    return found
+def _numbers(text: str) -> list[str]:
+    """The numbers in `text` in order, digits or words ("five" -> "5"; "1,000" -> "1000")."""
+    tokens = _NUMBER_OR_WORD.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower()))
+    return [_WORD_NUMBERS.get(t, t) for t in tokens if t[0].isdigit() or t in _WORD_NUMBERS]
 
 
 def _check_number(answer: str, check: dict, prompt: str) -> bool:
-    # The result must be given, and no number other than the question's own: "10 - 7 = 3" passes, "10 minus 7
-    # is 2" does not, and neither does an answer that gives the right number among wrong ones.
-    got = _numbers(answer)
-    want = str(check["value"])
-    return want in got and got <= _numbers(prompt) | {want}
+    # The last number the answer states must be the result: "10 - 7 = 3" and "100 / 2 = 50, so half of 100 is
+    # 50" pass, "10 minus 7 is 2" does not. (Requiring the result to be the only new number failed correct
+    # answers that show their working.)
+    found = _numbers(answer)
+    return bool(found) and float(found[-1]) == float(check["value"])
 
 
 def _check_regex(answer: str, check: dict, prompt: str) -> bool:
