@@ -87,7 +87,7 @@ def test_failure_messages_name_the_signal():
     base = {"pass_rate": 0.8}
     with pytest.raises(StageError, match="dropped the general-prompt pass rate from 80% to 50%"):
         require_no_forgetting({"ok": False, "base": base, "fine_tuned": {"pass_rate": 0.5}})
-    ppl = {"ok": False, "increase": 0.6, "base": 10.0, "fine_tuned": 16.0, "max_increase": 0.25}
+    ppl = {"ok": False, "increase": 0.6, "base": 10.0, "fine_tuned": 16.0, "max_increase": 0.10}
     with pytest.raises(StageError, match="raised the perplexity of general text by 60%"):
         require_no_forgetting({"ok": False, "probes_ok": True, "base": base, "fine_tuned": base, "perplexity": ppl})
     require_no_forgetting({"ok": True, "base": base, "fine_tuned": base})

@@ -1,19 +1,32 @@
 """Forgetting check: general prompts with checkable answers and the perplexity of a general text, each run on the
 base and on base + adapter.
 
-Two signals, because each misses what the other sees. The probes (build/default/forgetting-probes.json: 60+
-greedy questions across arithmetic, recall, format following, reasoning, grammar, definitions, lists, yes/no,
-translation, classification and refusal) catch a model that now answers everything with a label; the perplexity
-of build/default/general-text.txt (plain non-banking prose written for this project) catches a drift of the
-language model itself before it shows up as a wrong answer.
+Two signals, because each misses what the other sees. The probes (build/default/forgetting-probes.json: 82 greedy
+questions across arithmetic, recall, format following, reasoning, grammar, definitions, lists, yes/no, translation,
+sentiment and refusal, each with an automatic check) catch a model that now answers ordinary questions with a
+label or in the wrong form; the perplexity of build/default/general-text.txt (2,571 tokens of plain non-banking
+prose written for this project) catches a drift of the language model itself, with no sampling noise.
 
-The bands (measured with SmolLM2-135M-Instruct on CPU, fp32, greedy; figures in the README and below):
-- probes: the base passes most of them (base pass rate in every report). A 10-point drop is the issue's target
-  and sits between the shipped adapter and the broken ones: the shipped default adapter moves the rate by a few
-  points either way (flips in both directions on knife-edge probes), while classification-only training (the
-  first stage of the default recipe, 60% -> 0% on the old probes) and a heavily perturbed adapter drop it by far
-  more than 10 points.
-- perplexity: MAX_PPL_INCREASE, see its comment.
+How the probes were chosen: 154 candidates were run on the base (SmolLM2-135M-Instruct, fp32, CPU, greedy, 48 new
+tokens) and every answer was read. Kept: the 78 the base answers correctly with a check that is not fooled by a
+wrong answer, plus 4 of the first probe set that the base fails (marked with a `note`; they can only count in an
+adapter's favour). Dropped: the other candidates the base fails, and 7 whose check passed a wrong answer.
+
+Measured (build/default/forgetting-probes.json, general-text.txt; CPU, fp32):
+  model                                          probes        drop      perplexity   increase
+  base                                           78/82 (95.1%)    -          28.82         -
+  random LoRA, B ~ N(0, 0.02) (tests' fixture)   71/82 (86.6%)  8.5 pts     29.33       +1.8%
+  random LoRA, B ~ N(0, 0.05)                    68/82 (82.9%) 12.2 pts     30.95       +7.4%
+  random LoRA, B ~ N(0, 0.10)                    57/82 (69.5%) 25.6 pts     36.81      +27.7%
+  shipped build/default/adapter (stage 2)        57/82 (69.5%) 25.6 pts     42.27      +46.7%
+  any adapter that answers with a label          <10% (tests/test_forgetting.py)
+The shipped adapter passed the old 10-probe check (60% -> 60%) but has forgotten: it answers 5 of the 82 general
+questions with a label ("plant_life_and_growth", "get_physical_card"), no longer answers yes/no questions (6/6
+lost), and loses 22 of the base's 78 passes while gaining 1. It fails this check; it is the broken reference.
+The random LoRAs show what each signal sees: at 0.05 the perplexity moves 7% while 10 answers go wrong ("A day is
+approximately 86,680 hours", "The Red Planet is a fictional planet"), so the probes catch what perplexity barely
+shows; a directed fine-tune can do the opposite (keep the probes, shift the language model), which perplexity
+catches.
 """
 
 from __future__ import annotations
@@ -30,11 +43,20 @@ from ..resources import default_dir
 PROBES_FILE = "forgetting-probes.json"  # in build/default
 GENERAL_TEXT_FILE = "general-text.txt"  # in build/default
 
-MAX_DROP = 0.10  # the fine-tuned pass rate may fall at most 10 points below the base's
-# Measured on build/default/general-text.txt (see the README): base 1.0x; the shipped default adapter +MEASURED%;
-# adapters that broke the probes +MEASURED% and more. The band sits between the two with room for a healthy
-# adapter trained longer than the shipped one.
-MAX_PPL_INCREASE = 0.25
+# The fine-tuned pass rate may fall at most 10 points below the base's (8 of the base's 78 passes, net): the
+# issue's target, and where the measurements split. Greedy answers of a 135M model sit on knife edges (several
+# right answers come late in a 48-token answer), so even the mildest perturbation measured, +1.8% perplexity, loses
+# 7 probes (8.5 points): that is the floor a healthy adapter stands on. The next one measured, +7.4% perplexity,
+# loses 10 (12.2 points) with answers that are plainly wrong; the shipped adapter loses 25.6 points.
+MAX_DROP = 0.10
+# The band (see the table in the module docstring): the mildest perturbation moves the perplexity by +1.8%; the
+# adapters that lost a quarter of the probes moved it by +27.7% and +46.7%. 10% sits between them with room for a
+# directed fine-tune (which shifts the distribution more than random noise of the same damage). The one in between,
+# +7.4%, passes this band and fails the probes: the probes are the detector of broken answers, perplexity the
+# detector of a drifted language model, and together they pass the mild case and fail every broken one. The figure
+# is deterministic (no sampling), so the band needs no noise margin. Re-measure when a healthier default adapter
+# exists: none of the adapters measured so far is a healthy fine-tune.
+MAX_PPL_INCREASE = 0.10
 PPL_WINDOW = 512  # tokens scored per forward pass: the text is cut into windows this long
 
 _NUMBER_OR_WORD = re.compile(r"\d+(?:\.\d+)?|[a-z]+")
