@@ -15,6 +15,7 @@ adapter's favour). Dropped: the other candidates the base fails, and 7 whose che
 Measured (build/default/forgetting-probes.json, general-text.txt; CPU, fp32):
   model                                          probes        drop      perplexity   increase
   base                                           78/82 (95.1%)    -          28.82         -
+  3 steps at lr 2e-5 on 44 rows (test_install's)  78/82 (95.1%)  0 pts      28.83       +0.03%
   random LoRA, B ~ N(0, 0.02) (tests' fixture)   71/82 (86.6%)  8.5 pts     29.33       +1.8%
   random LoRA, B ~ N(0, 0.05)                    68/82 (82.9%) 12.2 pts     30.95       +7.4%
   random LoRA, B ~ N(0, 0.10)                    57/82 (69.5%) 25.6 pts     36.81      +27.7%
