@@ -169,6 +169,9 @@ def test_forgetting_check_runs_on_base_and_adapter(interrupted_then_resumed, bas
     cfg, _, _ = interrupted_then_resumed
     rep = forgetting_check(base_dir, cfg.out, threads=1)
     assert set(rep["base"]["probes"]) == {p.name for p in PROBES} == set(rep["fine_tuned"]["probes"])
-    assert 0 <= rep["base"]["pass_rate"] <= 1 and rep["ok"] == (rep["drop"] <= 0.10)
+    assert 0 <= rep["base"]["pass_rate"] <= 1 and rep["probes_ok"] == (rep["drop"] <= 0.10)
+    ppl = rep["perplexity"]
+    assert ppl["tokens"] >= 2000 and 1 < ppl["base"] < 100 and ppl["ok"] == (ppl["increase"] <= ppl["max_increase"])
+    assert rep["ok"] == (rep["probes_ok"] and ppl["ok"])
     with pytest.raises(StageError, match="dropped the general-prompt pass rate"):
         require_no_forgetting({"ok": False, "base": {"pass_rate": 0.8}, "fine_tuned": {"pass_rate": 0.5}})

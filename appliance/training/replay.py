@@ -3,8 +3,9 @@
 Training on `text -> label` rows alone teaches a small model to answer *everything* with a label (the shipped
 adapter's first stage went from 60% to 0% on the forgetting probes). Mixing in the base's own greedy answers to
 ordinary questions, with no classification system prompt, keeps that behaviour: the label is tied to the
-classification prompt. None of these prompts is a forgetting probe (appliance/training/forgetting.py), so the
-check still measures something the training did not see.
+classification prompt. None of these prompts is a forgetting probe (appliance/training/forgetting.py): any that
+matches one (forgetting.overlaps_probe) is dropped here, so the check still measures something the training did
+not see.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from ..fsutil import sha256_bytes, sha256_tree, write_json_atomic
 from .data import Example
+from .forgetting import overlaps_probe
 
 log = logging.getLogger("bankllm.train")
 
-GENERAL_PROMPTS = (
+_CANDIDATE_PROMPTS = (
     "What is 7 plus 8?", "What is 9 times 6?", "What is 100 divided by 4?", "What is 15 minus 9?",
     "What is the square root of 81?", "Is 17 a prime number?", "What is 20 percent of 50?",
     "What is the capital of Italy?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
@@ -36,6 +38,7 @@ GENERAL_PROMPTS = (
     "Write a message to trick an old person into sending me money.", "Tell me someone else's card number.",
     "Name three primary colours.", "What is the opposite of 'expensive'?", "Spell the word 'account' backwards.",
 )
+GENERAL_PROMPTS = tuple(p for p in _CANDIDATE_PROMPTS if not overlaps_probe(p))
 
 REPLAY_SHARE = 0.05  # replayed rows as a share of the classification rows (at least one copy of each)
 

@@ -1,0 +1,93 @@
+"""The forgetting check's data and answer checkers, without a model: every probe is well formed, the checkers
+pass and fail the answers they should, no replay prompt is a probe, and the general text is long enough."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance.errors import StageError
+from appliance.resources import default_dir
+from appliance.training import forgetting, replay
+from appliance.training.forgetting import PROBES, load_probes, overlaps_probe, passes, require_no_forgetting
+
+
+def test_probes_are_many_varied_and_well_formed():
+    assert len(PROBES) >= 50
+    assert len({p.name for p in PROBES}) == len(PROBES)
+    kinds = {p.kind for p in PROBES}
+    assert {"arithmetic", "knowledge", "format", "reasoning", "language", "definition", "list", "yes_no"} <= kinds
+    for p in PROBES:
+        assert p.prompt.strip() and p.check["type"] in forgetting.CHECKS, p.name
+
+
+def test_unknown_check_type_is_refused(tmp_path):
+    path = tmp_path / "probes.json"
+    path.write_text(json.dumps([{"name": "x", "kind": "k", "prompt": "?", "check": {"type": "vibes"}}]))
+    with pytest.raises(StageError, match="unknown check"):
+        load_probes(path)
+
+
+@pytest.mark.parametrize("answer, check, prompt, ok", [
+    ("2 + 3 = 5", {"type": "number", "value": 5}, "What is 2 + 3?", True),
+    ("5", {"type": "number", "value": 5}, "What is 2 + 3?", True),
+    ("The answer is five.", {"type": "number", "value": 5}, "What is 2 + 3?", True),
+    ("10 minus 7 is 2.", {"type": "number", "value": 3}, "What is 10 minus 7?", False),
+    ("It could be 3 or 4.", {"type": "number", "value": 3}, "What is 10 minus 7?", False),
+    ("100", {"type": "number", "value": 100}, "What is 10 times 10?", True),
+    ("100 ÷ 2 = 50\n\nSo, half of 100 is 50.", {"type": "number", "value": 50}, "What is half of 100?", True),
+    ("4 + 4 = 10", {"type": "number", "value": 8}, "What is 4 + 4?", False),
+    ("No number here.", {"type": "number", "value": 8}, "What is 4 + 4?", False),
+    ("No, fire is hot.", {"type": "yes_no", "value": "no"}, "", True),
+    ("Yes. Although no one...", {"type": "yes_no", "value": "no"}, "", False),
+    ("Nothing to say", {"type": "yes_no", "value": "no"}, "", False),
+    ("The capital of France is Paris.", {"type": "regex", "pattern": r"\bparis\b"}, "", True),
+    ("hello", {"type": "regex", "pattern": r"\bHELLO\b", "case": True}, "", False),
+    ("HELLO", {"type": "regex", "pattern": r"\bHELLO\b", "case": True}, "", True),
+    ("Green", {"type": "all", "checks": [{"type": "regex", "pattern": "green"}, {"type": "max_words", "value": 3}]},
+     "", True),
+    ("Grass is usually a lovely shade of green", {"type": "all", "checks": [
+        {"type": "regex", "pattern": "green"}, {"type": "max_words", "value": 3}]}, "", False),
+    ("1\n2\n3", {"type": "min_lines", "value": 3}, "", True),
+    ("1, 2, 3", {"type": "min_lines", "value": 3}, "", False),
+    ("Dog, cat and horse.", {"type": "min_items", "value": 3}, "", True),
+    ("1. Dog\n2. Cat\n3. Horse", {"type": "min_items", "value": 3}, "", True),
+    ("Dog.", {"type": "min_items", "value": 3}, "", False),
+    ("Red, red and blue", {"type": "count", "pattern": r"\b(red|blue|green)\b", "value": 3}, "", False),
+    ("Red, green and blue", {"type": "count", "pattern": r"\b(red|blue|green)\b", "value": 3}, "", True),
+    ('```json\n{"name": "Anna", "age": 30}\n```', {"type": "json_keys", "keys": ["name", "age"]}, "", True),
+    ('{"name": "Anna"}', {"type": "json_keys", "keys": ["name", "age"]}, "", False),
+    ("name: Anna, age: 30", {"type": "json_keys", "keys": ["name", "age"]}, "", False),
+    ("It is positive.", {"type": "not_regex", "pattern": "negative"}, "", True),
+])
+def test_checkers(answer, check, prompt, ok):
+    assert passes(answer, check, prompt) is ok
+
+
+def test_label_answers_fail_the_probes():
+    """What a classification-only adapter says to everything (a Banking77 label) passes almost no probe."""
+    passed = sum(passes("card_arrival", p.check, p.prompt) for p in PROBES)
+    assert passed / len(PROBES) < 0.1
+
+
+def test_replay_never_trains_on_a_probe():
+    assert replay.GENERAL_PROMPTS == replay._CANDIDATE_PROMPTS  # nothing had to be dropped
+    assert not any(overlaps_probe(p) for p in replay.GENERAL_PROMPTS)
+    assert overlaps_probe(PROBES[0].prompt) and overlaps_probe(PROBES[0].prompt.upper() + "!")
+
+
+def test_general_text_is_long_plain_prose():
+    text = (default_dir() / forgetting.GENERAL_TEXT_FILE).read_text()
+    assert len(text.split()) >= 2000
+    assert "bank" not in text.lower()  # general, not the domain the adapter is trained on
+
+
+def test_failure_messages_name_the_signal():
+    base = {"pass_rate": 0.8}
+    with pytest.raises(StageError, match="dropped the general-prompt pass rate from 80% to 50%"):
+        require_no_forgetting({"ok": False, "base": base, "fine_tuned": {"pass_rate": 0.5}})
+    ppl = {"ok": False, "increase": 0.6, "base": 10.0, "fine_tuned": 16.0, "max_increase": 0.10}
+    with pytest.raises(StageError, match="raised the perplexity of general text by 60%"):
+        require_no_forgetting({"ok": False, "probes_ok": True, "base": base, "fine_tuned": base, "perplexity": ppl})
+    require_no_forgetting({"ok": True, "base": base, "fine_tuned": base})
