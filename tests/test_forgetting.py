@@ -12,6 +12,8 @@ from appliance.resources import default_dir
 from appliance.training import forgetting, replay
 from appliance.training.forgetting import PROBES, load_probes, overlaps_probe, passes, require_no_forgetting
 
+pytestmark = pytest.mark.fast
+
 
 def test_probes_are_many_varied_and_well_formed():
     assert len(PROBES) >= 50
