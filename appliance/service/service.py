@@ -159,6 +159,17 @@ class Service:
         params = dataclasses.replace(params, max_tokens=min(use, self.settings.max_tokens_cap))
         return Generation(self.engine.submit(tokens, params, owner), prompt or "", len(tokens))
 
+    async def finish(self, request, record, gen: Generation):
+        """Wait for a whole (non-streamed) answer and account for it; None when the client went away (its slot is
+        freed at once)."""
+        try:
+            done = await wait_result(request, gen.handle, self.settings.request_timeout_s)
+        except ClientGone:
+            self.account(record, None, gen.prompt, gen.n_prompt)
+            return None
+        self.account(record, done, gen.prompt)
+        return done
+
     def account(self, record, done, prompt: str | None = None, n_prompt: int = 0) -> None:
         """Count a finished (or, `done` None, abandoned) generation in /metrics and the request's audit record."""
         self.metrics.prompt_tokens.inc(done.prompt_tokens if done is not None else n_prompt)
@@ -267,10 +278,7 @@ class Service:
             history = history[1:]  # the oldest turns make room for the new one
         params = GenParams(max_tokens=min(max_tokens, self.engine.seq_ctx - len(tokens)), temperature=0.0)
         gen = self.generate(params, record.key_id, prompt=message, tokens=tokens, param="message")
-        try:
-            done = await wait_result(request, gen.handle, self.settings.request_timeout_s)
-        except ClientGone:
-            self.account(record, None, gen.prompt, gen.n_prompt)
+        done = await self.finish(request, record, gen)
+        if done is None:
             return None
-        self.account(record, done, gen.prompt)
         return a.Reply(done.text.strip() or approved, "generated", intent, p, False)

@@ -17,7 +17,7 @@ from ..prompting import grammar_for_response_format
 from ..records import RequestRecord
 from ..schemas import ChatCompletionRequest, CompletionRequest, stops
 from ..service import Service
-from .common import events_until, finish
+from ..waiting import events_until
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -77,7 +77,7 @@ async def _respond(request: Request, svc: NamedDependency[Service], record: Name
     """Both endpoints: wait and shape the whole answer with `whole(done)`, or stream chunks shaped by `chunk`."""
     if stream:
         return _stream(svc, record, gen, base, stream_options, opening, chunk)
-    done = await finish(request, svc, record, gen)
+    done = await svc.finish(request, record, gen)
     if done is None:
         return Response(b"", status_code=499)
     return Response({**base, **whole(done), "usage": _usage(done)})
