@@ -161,3 +161,12 @@ def test_openai_routes_and_audit_over_the_fake(tmp_path):
     lines = [json.loads(x) for x in audit.read_text().splitlines()]
     ok = [x for x in lines if x["route"] == "/v1/chat/completions" and x["status"] == 200]
     assert ok and ok[0]["completion_tokens"] == len("Hello there.") and "texts" not in ok[0]
+
+
+def test_labels_without_an_answer_library_keep_classify_and_turn_chat_off(tmp_path):
+    build = make_build(tmp_path)
+    (build / LABELS_FILE).write_text(json.dumps(["card_arrival", "mortgage_rates"]))  # the default has no answer
+    with client(build, choose=ranked(("mortgage_rates", 0.99))) as c:
+        assert c.post("/api/v1/classify", json={"text": "x"}).json()["intent"] == "mortgage_rates"
+        off = c.post("/api/v1/chat", json={"message": "x"})
+    assert off.status_code == 503 and "answers_file" in off.json()["error"]["message"]

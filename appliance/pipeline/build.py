@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .. import __version__
-from ..answers import default_answers_file, read_library
+from ..answers import AnswerLibraryError, default_answers_file, read_library
 from ..artifacts import (ANSWERS_FILE, CALIBRATION_FILE, LABELS_FILE, MODEL_FILE, MODELFILE_FILE, REPORT_SCHEMA,
                          TASK_FILE, VALIDATION_FILE, BuildDir, read_report, write_labels, write_report, write_task)
 from ..errors import ConfigError, GateRefusedError, InputError
@@ -66,11 +66,16 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     # Read (and so check) what the build ships beside the model before any heavy work.
     labels = lora.labels if lora else None
     task = lora.task if lora else None
-    answers = None
+    answers, no_answers = None, None
     if labels:  # a classifier's build carries the approved answers it will serve: checked against its labels now
-        answers_path = settings.answers_file or default_answers_file()
-        answers_bytes = Path(answers_path).read_bytes() if Path(answers_path).is_file() else b""
-        answers = read_library(answers_path, labels)
+        if settings.answers_file is not None:  # the bank's own library: it must be complete
+            answers = read_library(settings.answers_file, labels)
+        else:
+            try:
+                answers = read_library(default_answers_file(), labels)
+            except AnswerLibraryError as exc:  # labels the shipped library has no answers for: chat stays off
+                no_answers = f"{exc.message}; /api/v1/chat is off until you set answers_file ({exc.fix})"
+        answers_bytes = Path(answers.source).read_bytes() if answers is not None else b""
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -196,6 +201,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                              f"accuracy, ECE {calibration['ece']}")
         steps.append(rec)
 
+    if no_answers:
+        warnings.append(no_answers)
+
     # 6. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
     with atomic_dir(out_dir) as tmp:
         _link_or_copy(work / chosen["file"], tmp / MODEL_FILE)
@@ -227,7 +235,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                      "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
             "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
             "warnings": warnings, "labels": {"file": LABELS_FILE, "count": len(labels)} if labels else None,
-            "answers": {"file": ANSWERS_FILE, "source": str(answers.source.source), "sha256": answers.sha256,
+            "answers": {"file": ANSWERS_FILE, "source": answers.source, "sha256": answers.sha256,
                         "intents": len(answers.intents)} if answers is not None else None,
             "calibration": calibration,
             "outputs": outputs,

@@ -4,6 +4,7 @@ and answers, and the one path from a request to the engine (render, tokenize, fi
 from __future__ import annotations
 
 import asyncio
+import logging
 import dataclasses
 import time
 from typing import Callable
@@ -22,6 +23,8 @@ from .prompting import ChatTemplate
 from .waiting import ClientGone, wait_result
 
 
+log = logging.getLogger("bankllm.service")
+
 # Used only when neither the settings nor the build give a threshold (a bare .gguf): measured on the shipped adapter's
 # validation split before calibration, 0.80 answered 85% of banking queries at 97% accuracy.
 DEFAULT_THRESHOLD = 0.80
@@ -29,8 +32,10 @@ DEFAULT_THRESHOLD = 0.80
 
 def load_answers(settings: Settings, files):
     """The approved-answer library: settings.answers_file, else the build's, else the shipped default; checked
-    against the model's labels and filled with the bank facts."""
-    from ..answers import AnswerLibrary, default_answers_file
+    against the model's labels and filled with the bank facts. A library the bank gave, or the build carries, must
+    be complete (refused otherwise, before the model loads). None when the model has no labels, or when no library
+    was given and the shipped default has no answers for these labels: then /api/v1/chat says so and classify works."""
+    from ..answers import AnswerLibrary, AnswerLibraryError, default_answers_file
     from ..artifacts import ANSWERS_FILE
 
     if not files.labels:
@@ -38,7 +43,13 @@ def load_answers(settings: Settings, files):
     path = settings.answers_file
     if path is None and files.build_dir is not None and (files.build_dir / ANSWERS_FILE).is_file():
         path = files.build_dir / ANSWERS_FILE
-    return AnswerLibrary.load(path or default_answers_file(), files.labels, settings.bank_facts)
+    if path is not None:
+        return AnswerLibrary.load(path, files.labels, settings.bank_facts)
+    try:
+        return AnswerLibrary.load(default_answers_file(), files.labels, settings.bank_facts)
+    except AnswerLibraryError as exc:
+        log.warning("the assistant is off: %s -- fix: %s", exc.message, exc.fix)
+        return None
 
 
 def load_calibration(files) -> dict:
@@ -231,8 +242,9 @@ class Service:
 
         lib = self.answers
         if lib is None:
-            raise APIError("this model has no label set, so the assistant has no intents to answer; serve a build "
-                           "made from a classification adapter", status=404, code="no_labels")
+            raise APIError("the assistant has no approved-answer library for this model's labels; write one, check "
+                           "it with `bankllm answers check`, set answers_file and restart", status=503,
+                           code="no_answer_library")
         if conv.pending:
             picked = a.resolve_choice(message, conv.pending, lib.descriptions)
             if picked == a.OUT_OF_SCOPE:
