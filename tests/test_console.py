@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A child process, so the real warnings machinery runs (pytest records warnings itself) and fds 1/2 are its own.
@@ -23,8 +25,6 @@ from transformers.utils import logging as hf_logging
 
 from appliance import console
 from appliance.pipeline.progress import Progress
-
-pytestmark = pytest.mark.fast
 
 with console.captured(Path(sys.argv[1])):
     warnings.warn("marker-python-warning")
