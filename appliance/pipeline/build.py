@@ -216,9 +216,10 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
             (tmp / ANSWERS_FILE).write_bytes(answers_bytes)
             outputs[ANSWERS_FILE] = answers.sha256
         if calibration is not None:
+            calibration["plots"] = [Path(p).name for p in calibration.get("plots", [])]  # beside it in the build
+            for name in calibration["plots"]:
+                shutil.copyfile(work / name, tmp / name)
             write_json_atomic(tmp / CALIBRATION_FILE, calibration)
-            for png in work.glob(Path(CALIBRATION_FILE).stem + "-*.png"):
-                shutil.copyfile(png, tmp / png.name)
         if task is not None:  # the service takes its classify prompt, calibration and threshold from here
             write_task(tmp / TASK_FILE, dataclasses.replace(task, labels=LABELS_FILE if labels else None))
             outputs[TASK_FILE] = sha256_file(tmp / TASK_FILE)
