@@ -117,7 +117,14 @@ def test_calibration_temperature_reaches_the_label_decoder(tmp_path):
         c.post("/api/v1/chat", json={"message": "x"})
         params = [p for _, p, _ in c.app.state["fake"].submitted if p.choices is not None]
     assert {p.choices.temperature for p in params} == {1.7}
-    assert [p.choices.alternatives for p in params] == [0, 2]  # classify: one label; chat: a ranking of three
+    assert [p.choices.alternatives for p in params] == [0, 0]  # confident: chat needs no ranking
+
+
+def test_only_an_uncertain_message_is_ranked(tmp_path):
+    with client(make_build(tmp_path), choose=ranked(("card_arrival", 0.5), ("card_delivery_estimate", 0.4))) as c:
+        assert c.post("/api/v1/chat", json={"message": "card?"}).json()["source"] == "clarify"
+        params = [p for _, p, _ in c.app.state["fake"].submitted if p.choices is not None]
+    assert [p.choices.alternatives for p in params] == [0, 2]  # the greedy label, then a ranking of three
 
 
 def test_generative_mode_gives_the_model_the_approved_answer(tmp_path):

@@ -18,6 +18,7 @@ from .keys import KeyStore
 from .limits import RateLimiter
 from .metrics import Metrics
 from .model import resolve_model
+from .assistant import OUT_OF_SCOPE
 from .labeling import Labeler
 from .prompting import ChatTemplate
 from .waiting import ClientGone, wait_result
@@ -222,6 +223,14 @@ class Service:
 
     async def rank(self, request, record, text: str) -> list | None:
         """The likeliest intents for `text`, best first, with calibrated probabilities."""
+        # The greedy label first: most messages are answered on it, and exploring alternatives costs decode steps.
+        # Only an uncertain one is decoded again with alternatives (its prompt's KV is still in the slot).
+        results = await self.label(request, record, [text])
+        if results is None:
+            return None
+        done = results[0]
+        if done.text == OUT_OF_SCOPE or (done.probability or 0.0) >= self.threshold:
+            return [(done.text, done.probability or 0.0)]
         results = await self.label(request, record, [text], rank=True)
         if results is None:
             return None
@@ -229,8 +238,6 @@ class Service:
         return list(done.candidates or [(done.text, done.probability or 0.0)])
 
     def in_scope(self, intent: str, confidence: float) -> bool:
-        from .assistant import OUT_OF_SCOPE
-
         return intent != OUT_OF_SCOPE and confidence >= self.threshold
 
     # -- the banking assistant -----------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ TARGETS = [  # (figure, target text, test)
 ]
 
 
-def chat_latency(model: Path, rows: list[tuple[str, str]], threads: int) -> dict:
+def chat_latency(model: Path, rows: list[tuple[str, str]]) -> dict:
     labels = set(json.loads((model / "labels.json").read_text()))
     latencies, sources, bare = [], {}, 0
     with tempfile.TemporaryDirectory() as tmp:
-        with running_server(Path(tmp), model, env={"BANKLLM_THREADS": str(threads)}) as server:
+        with running_server(Path(tmp), model) as server:  # 2 threads, as the targets are stated
             with server.http() as c:
                 c.post("/api/v1/chat", json={"message": "warm up"})
                 for text, _ in rows:
@@ -73,7 +73,7 @@ def main() -> int:
     ev = evaluate(args.model, args.data, oos=args.oos, threads=args.threads, out=args.json.with_suffix(".eval.json"))
     with open(args.data, newline="") as f:
         rows = [(r["text"], r["category"]) for r in csv.DictReader(f)][: args.chat_n]
-    chat = chat_latency(args.model, rows, args.threads)
+    chat = chat_latency(args.model, rows)
     a = ev["assistant"]
     figures = {"accuracy": ev["accuracy"], "answered_accuracy": a["answered_accuracy"], "coverage": a["coverage"],
                "oos_refused": a["out_of_scope"]["refused"], "ece": a["ece"], "chat_p50_ms": chat["p50_ms"],
