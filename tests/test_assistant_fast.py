@@ -95,3 +95,14 @@ def test_plots_are_png(tmp_path):
     cal.plot_risk_coverage(conf, correct, tmp_path / "rc.png", threshold=0.5)
     for name in ("rel.png", "rc.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_record_pieces_stay_apart_for_the_masker():
+    from appliance.service.audit import mask
+    from appliance.service.records import RequestRecord
+
+    record = RequestRecord()
+    record.add(None, "my account 12345678")
+    record.add(None, "card 4111 1111 1111 1111")
+    texts = record.audit_fields(include_text=True)["texts"]
+    assert "12345678" not in mask(texts["prompt"]) and "4111" not in mask(texts["prompt"])

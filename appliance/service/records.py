@@ -21,9 +21,11 @@ class RequestRecord:
         if done is not None:
             self.completion_tokens += done.completion_tokens
             self.finish_reason = done.finish_reason
-            self.completion_text = (self.completion_text or "") + done.text
+            # Pieces (a batch's texts, a chat's label decodes) are joined by a newline: glued together, the end of
+            # one and the start of the next could hide an account number from the audit log's masker.
+            self.completion_text = done.text if self.completion_text is None else f"{self.completion_text}\n{done.text}"
         if prompt is not None:
-            self.prompt_text = (self.prompt_text or "") + prompt
+            self.prompt_text = prompt if self.prompt_text is None else f"{self.prompt_text}\n{prompt}"
 
     def audit_fields(self, include_text: bool) -> dict:
         out: dict = {}

@@ -208,7 +208,7 @@ class Service:
                 h.cancel()
             raise
         for text, done in zip(texts, results):
-            self.account(record, done, text)
+            self.account(record, done, None if rank else text)  # a ranking re-reads a text already recorded
             if done.text not in self.label_set:  # the label trie makes this impossible; refuse rather than invent
                 raise APIError(f"classification produced no valid label (finish: {done.finish_reason})", status=500)
         return results
