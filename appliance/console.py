@@ -148,9 +148,10 @@ def release() -> None:
     _flush_all()
     for fd in (1, 2):
         os.dup2(cap.saved[fd], fd)
-        os.close(cap.saved[fd])
-    if cap.tee is not None:
+    if cap.tee is not None:  # before closing the saved fds: the tee writes its last chunks to the saved stderr
         cap.tee.join(timeout=30)  # EOF once fds 1 and 2 let go of the pipe (a child still holding it: give up)
+    for fd in (1, 2):
+        os.close(cap.saved[fd])
     for stream in (cap.out, cap.err):
         _consoles.pop(id(stream), None)
         stream.close()

@@ -75,7 +75,6 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
                 answers = read_library(default_answers_file(), labels)
             except AnswerLibraryError as exc:  # labels the shipped library has no answers for: chat stays off
                 no_answers = f"{exc.message}; /api/v1/chat is off until you set answers_file ({exc.fix})"
-        answers_bytes = Path(answers.source).read_bytes() if answers is not None else b""
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -213,7 +212,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
             write_labels(tmp / LABELS_FILE, labels)
             outputs[LABELS_FILE] = sha256_file(tmp / LABELS_FILE)
         if answers is not None:  # the approved answers travel with the model (a bank may still replace them)
-            (tmp / ANSWERS_FILE).write_bytes(answers_bytes)
+            shutil.copyfile(answers.source, tmp / ANSWERS_FILE)
             outputs[ANSWERS_FILE] = answers.sha256
         if calibration is not None:
             calibration["plots"] = [Path(p).name for p in calibration.get("plots", [])]  # beside it in the build

@@ -190,22 +190,21 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
         task = target.artifacts.task() if target.artifacts else None
         temperature = task.calibration.temperature if task and task.calibration else 1.0
         threshold = task.threshold if task else None
-        with progress.stage(f"classify {len(texts)} rows with {target.model_file.name}"):
-            rows = serving_eval.label_texts(target.model_file, labels, system_prompt, texts, threads=threads,
-                                            temperature=temperature)
+        queries: list[str] = []
+        if oos is not None:  # read (and refused) before the model loads; labelled in the same engine run
+            queries = [q.strip() for q in Path(oos).read_text(encoding="utf-8").splitlines() if q.strip()]
+            if not queries:
+                raise DataError(f"out-of-scope file {oos} has no queries", "write one query a line")
+        with progress.stage(f"classify {len(texts) + len(queries)} rows with {target.model_file.name}"):
+            labelled = serving_eval.label_texts(target.model_file, labels, system_prompt, texts + queries,
+                                                threads=threads, temperature=temperature)
+        rows, oos_rows = labelled[:len(texts)], (labelled[len(texts):] if oos is not None else None)
         preds = [r.label for r in rows]
         if keep_rows:
             extra["rows"] = [{"text": r.text, "gold": e.label, "predicted": r.label, "confidence": r.confidence}
                              for r, e in zip(rows, examples)]
         latencies = [r.latency_ms for r in rows]
         latency_kind = f"per request through the serving engine, {serving_eval.N_SEQ_MAX} at a time"
-        oos_rows = None
-        if oos is not None:
-            queries = [q.strip() for q in Path(oos).read_text(encoding="utf-8").splitlines() if q.strip()]
-            if not queries:
-                raise DataError(f"out-of-scope file {oos} has no queries", "write one query a line")
-            oos_rows = serving_eval.label_texts(target.model_file, labels, system_prompt, queries, threads=threads,
-                                                temperature=temperature)
         extra["assistant"] = serving_eval.assistant_figures(
             [e.label for e in examples], rows, temperature, threshold, target_accuracy, oos_rows,
             plots_to=out, fit=fit)
