@@ -1,0 +1,105 @@
+"""A PEFT LoRA written as a GGUF LoRA: libllama applying it to the f16 base gives the merged f16 model's logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.errors import InputError
+from appliance.pipeline.lora_gguf import convert_lora
+from tests.conftest import CACHE, REPO, _digest
+
+DEFAULT_ADAPTER = REPO / "build" / "default" / "adapter"
+
+
+@pytest.fixture(scope="module")
+def f16_pair(base_dir) -> dict[str, Path]:
+    """The base and the base merged with the shipped adapter, each converted to f16 GGUF by llama.cpp's converter."""
+    from appliance.pipeline.adapter import resolve_adapter
+    from appliance.pipeline.base import inspect_base
+    from appliance.pipeline.convert import convert_to_gguf
+    from appliance.pipeline.merge import merge_adapter
+
+    weights = DEFAULT_ADAPTER / "adapter_model.safetensors"
+    dest = CACHE / f"lora-gguf-{_digest(base_dir.name, weights.stat().st_size, weights.stat().st_mtime_ns, 'v1')}"
+    if not (dest / "merged-f16.gguf").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        work = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        convert_to_gguf(base_dir, work / "base-f16.gguf")
+        merged = merge_adapter(inspect_base(base_dir), resolve_adapter(str(DEFAULT_ADAPTER), None, work / "cache"),
+                               work / "merged")
+        convert_to_gguf(merged, work / "merged-f16.gguf")
+        shutil.rmtree(work / "merged")
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        work.rename(dest)
+    return {"base": dest / "base-f16.gguf", "merged": dest / "merged-f16.gguf"}
+
+
+def _logits(model: Path, tokens_text: str, lora: Path | None = None) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=1024, logits_all=True,
+                verbose=False, n_threads=1)
+    try:
+        tokens = llm.tokenize(tokens_text.encode())[:384]
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+    finally:
+        llm.close()
+
+
+def test_lora_gguf_matches_the_merged_model(f16_pair, base_dir, tmp_path):
+    out = tmp_path / "adapter.gguf"
+    info = convert_lora(DEFAULT_ADAPTER, base_dir, f16_pair["base"], out)
+    config = json.loads((DEFAULT_ADAPTER / "adapter_config.json").read_text())
+    assert (info.rank, info.alpha) == (config["r"], config["lora_alpha"])
+    # SmolLM2 is a Llama: the converter permutes q and k rows, and the adapter's B must follow them.
+    assert info.layouts["q_proj"] == "llama-permute" and info.layouts["v_proj"] == "identity"
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(out))
+    assert bytes(reader.fields["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(reader.fields["adapter.type"].parts[-1]).decode() == "lora"
+    assert all(t.name.endswith((".lora_a", ".lora_b")) for t in reader.tensors)
+
+    text = (REPO / "build" / "default" / "gate-text.txt").read_text()[:2500]
+    applied = _logits(f16_pair["base"], text, lora=out)
+    merged = _logits(f16_pair["merged"], text)
+    bare = _logits(f16_pair["base"], text)
+    agreement = float((applied.argmax(1) == merged.argmax(1)).mean())
+    max_diff = float(np.abs(applied - merged).max())
+    print(f"top-1 agreement {agreement:.4f} over {len(merged)} positions, max |logit diff| {max_diff:.3f}")
+    assert agreement >= 0.99
+    # The comparison can fail: without the adapter the base disagrees with the merged model far more often.
+    assert float((bare.argmax(1) == merged.argmax(1)).mean()) < 0.9
+
+
+def test_refuses_what_a_gguf_lora_cannot_express(f16_pair, base_dir, tmp_path):
+    bad = tmp_path / "dora"
+    shutil.copytree(DEFAULT_ADAPTER, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InputError, match="use_dora"):
+        convert_lora(bad, base_dir, f16_pair["base"], tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_refuses_a_quantized_base_and_an_adapter_for_another_base(f16_pair, base_dir, tmp_path):
+    from tests._systemd_util import default_gguf
+
+    with pytest.raises(InputError, match="quantized"):
+        convert_lora(DEFAULT_ADAPTER, base_dir, default_gguf(), tmp_path / "x.gguf")
+    # Another base: the same names with other shapes (rank from the config does not match the tensors).
+    other = tmp_path / "other"
+    shutil.copytree(DEFAULT_ADAPTER, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))
+    with pytest.raises(InputError, match="do not fit"):
+        convert_lora(other, base_dir, f16_pair["base"], tmp_path / "y.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
