@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -103,3 +104,64 @@ def test_refuses_a_quantized_base_and_an_adapter_for_another_base(f16_pair, base
     with pytest.raises(InputError, match="do not fit"):
         convert_lora(other, base_dir, f16_pair["base"], tmp_path / "y.gguf")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+PROMPTS = ["Classify: I lost my card", "Classify: my top up failed", "What is the exchange rate for euros?",
+           "Classify: where is my refund"]
+
+
+def _answers(engine, jobs) -> list[str]:
+    """Greedy answers for (prompt, adapter) jobs, all submitted at once (they share decode steps)."""
+    from appliance.service.engine import GenParams
+    from appliance.service.prompting import ChatTemplate
+
+    template = ChatTemplate(engine.chat_template(), engine.bos_token, engine.eos_token)
+
+    async def go():
+        handles = [engine.submit(engine.tokenize(template.render([{"role": "user", "content": p}]), special=True),
+                                 GenParams(max_tokens=12, adapter=a), "k1") for p, a in jobs]
+        return [d.text for d in await asyncio.gather(*(h.result() for h in handles))]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def lora_file(f16_pair, base_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "default.gguf"
+    convert_lora(DEFAULT_ADAPTER, base_dir, f16_pair["base"], out)
+    return out
+
+
+def test_engine_serves_base_and_adapter_side_by_side(f16_pair, lora_file):
+    from appliance.service.engine import Engine
+
+    merged = Engine(f16_pair["merged"], n_seq_max=8, seq_ctx=256, threads=1)
+    try:
+        want_merged = _answers(merged, [(p, None) for p in PROMPTS])
+    finally:
+        merged.close()
+    engine = Engine(f16_pair["base"], n_seq_max=8, seq_ctx=256, threads=1, adapters={"cards": lora_file})
+    try:
+        assert engine.adapters == ["cards"]
+        want_base = _answers(engine, [(p, None) for p in PROMPTS])
+        alone = _answers(engine, [(p, "cards") for p in PROMPTS])
+        # Mixed in the same steps, each answer is what it is alone (same prompt-prefix owner, other adapter).
+        mixed = _answers(engine, [(p, a) for p in PROMPTS for a in (None, "cards")])
+        assert mixed[0::2] == want_base and mixed[1::2] == alone
+        assert alone != want_base  # the adapter changes the answers, so the comparison means something
+        # Greedy text through the runtime LoRA matches the merged f16 model on most prompts (f16 rounding differs).
+        assert sum(a == b for a, b in zip(alone, want_merged)) >= len(PROMPTS) - 1, (alone, want_merged)
+        assert engine.adapter_switches >= 2
+
+        from appliance.service.errors import NotFoundError
+
+        with pytest.raises(NotFoundError, match="cards"):
+            _answers(engine, [(PROMPTS[0], "mortgages")])
+        engine.remove_adapter("cards")
+        with pytest.raises(NotFoundError):
+            _answers(engine, [(PROMPTS[0], "cards")])
+        assert engine.adapters == [] and _answers(engine, [(PROMPTS[0], None)]) == want_base[:1]
+        engine.add_adapter("cards", lora_file)  # back again, hot
+        assert _answers(engine, [(PROMPTS[1], "cards")]) == alone[1:2]
+    finally:
+        engine.close()
