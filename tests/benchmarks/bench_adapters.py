@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,56 +88,75 @@ def prepare(work: Path, threads: int) -> dict[str, Path]:
     return out
 
 
+def measure(files: dict[str, Path], threads: int, rounds: int, max_tokens: int) -> dict:
+    """Run in a fresh process (see main): resident memory is then not blurred by the heap prepare() freed."""
+    from appliance.service.engine import Engine
+
+    rss0 = rss_mib()
+    engine = Engine(files["base_q"], n_seq_max=8, seq_ctx=512, threads=threads)
+    rss_base = rss_mib()
+    engine.add_adapter("cards", files["cards"])
+    rss_one = rss_mib()
+    engine.add_adapter("fraud", files["fraud"])
+    rss_two = rss_mib()
+    merged = Engine(files["merged_q"], n_seq_max=8, seq_ctx=512, threads=threads)
+    rss_merged = rss_mib()
+    merged.close()
+    cases = {
+        "8 streams, base only": [None] * 8,
+        "8 streams, 1 adapter": ["cards"] * 8,
+        "8 streams, 2 adapters (4+4)": ["cards", "fraud"] * 4,
+    }
+    run_case(engine, ["cards", "fraud"], 8)  # warm-up
+    results: dict[str, list[dict]] = {name: [] for name in cases}
+    for r in range(rounds):
+        order = list(cases)[r % len(cases):] + list(cases)[:r % len(cases)]
+        for name in order:
+            results[name].append(run_case(engine, cases[name], max_tokens))
+    switches = engine.adapter_switches
+    engine.close()
+    return {"results": results, "adapter_switches": switches,
+            "memory_mib": {"engine_base": rss_base - rss0, "first_adapter": rss_one - rss_base,
+                           "second_adapter": rss_two - rss_one, "second_merged_model": rss_merged - rss_two,
+                           "adapter_file": files["fraud"].stat().st_size / 2**20,
+                           "merged_model_file": files["merged_q"].stat().st_size / 2**20}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--out", type=Path, default=Path("adapters-bench.json"))
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: the child's files.json
     args = ap.parse_args()
-
-    from appliance.service.engine import Engine
+    if args.measure:
+        files = {k: Path(v) for k, v in json.loads(args.measure.read_text()).items()}
+        args.out.write_text(json.dumps(measure(files, args.threads, args.rounds, args.max_tokens)))
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
         files = prepare(Path(tmp), args.threads)
-        rss0 = rss_mib()
-        engine = Engine(files["base_q"], n_seq_max=8, seq_ctx=512, threads=args.threads)
-        rss_base = rss_mib()
-        engine.add_adapter("cards", files["cards"])
-        rss_one = rss_mib()
-        engine.add_adapter("fraud", files["fraud"])
-        rss_two = rss_mib()
-        merged = Engine(files["merged_q"], n_seq_max=8, seq_ctx=512, threads=args.threads)
-        rss_merged = rss_mib()
-        merged.close()
-        cases = {
-            "8 streams, base only": [None] * 8,
-            "8 streams, 1 adapter": ["cards"] * 8,
-            "8 streams, 2 adapters (4+4)": ["cards", "fraud"] * 4,
-        }
-        run_case(engine, ["cards", "fraud"], 8)  # warm-up
-        results: dict[str, list[dict]] = {name: [] for name in cases}
-        for r in range(args.rounds):
-            order = list(cases)[r % len(cases):] + list(cases)[:r % len(cases)]
-            for name in order:
-                results[name].append(run_case(engine, cases[name], args.max_tokens))
-        switches = engine.adapter_switches
-        engine.close()
+        (Path(tmp) / "files.json").write_text(json.dumps({k: str(v) for k, v in files.items()}))
+        child = Path(tmp) / "measured.json"
+        subprocess.run([sys.executable, __file__, "--measure", str(Path(tmp) / "files.json"), "--out", str(child),
+                        "--threads", str(args.threads), "--rounds", str(args.rounds),
+                        "--max-tokens", str(args.max_tokens)], check=True)
+        measured = json.loads(child.read_text())
 
+    results = measured["results"]
     one, two = "8 streams, 1 adapter", "8 streams, 2 adapters (4+4)"
     ratios = [b["tokens_per_second"] / a["tokens_per_second"] for a, b in zip(results[one], results[two])]
     table = {name: statistics.median(x["tokens_per_second"] for x in runs) for name, runs in results.items()}
     report = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-                    "threads": args.threads},
+                    "cores": os.cpu_count(), "threads": args.threads},
         "rounds": args.rounds, "max_tokens": args.max_tokens,
         "median_tokens_per_second": table,
         "split_over_single": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                               "target": 0.7},
-        "memory_mib": {"engine_base": rss_base - rss0, "one_adapter": rss_one - rss_base,
-                       "second_adapter": rss_two - rss_one, "second_merged_model": rss_merged - rss_two,
-                       "adapter_file": files["fraud"].stat().st_size / 2**20 if files["fraud"].exists() else None},
-        "adapter_switches": switches,
+        "memory_mib": measured["memory_mib"],
+        "adapter_switches": measured["adapter_switches"],
         "runs": results,
     }
     print(f"{'case':32} {'median tok/s':>12}")
@@ -144,8 +165,8 @@ def main() -> None:
     s = report["split_over_single"]
     print(f"2 adapters / 1 adapter: median {s['median']:.2f}x (range {s['min']:.2f}-{s['max']:.2f}), target >= 0.70x")
     m = report["memory_mib"]
-    print(f"memory: one more adapter {m['second_adapter']:.1f} MiB RSS; one more merged model "
-          f"{m['second_merged_model']:.1f} MiB RSS")
+    print(f"memory: one more adapter {m['second_adapter']:.1f} MiB RSS ({m['adapter_file']:.1f} MiB file); "
+          f"one more merged model {m['second_merged_model']:.1f} MiB RSS ({m['merged_model_file']:.1f} MiB file)")
     args.out.write_text(json.dumps(report, indent=2))
 
 
