@@ -89,12 +89,13 @@ class Gate:
         self.reference: Score | None = None
         self.reference = self._evaluate(f16_gguf, "F16", reference=True)
 
-    def _load(self, path: Path):
+    def _load(self, path: Path, lora: Path | None = None):
         from llama_cpp import Llama
 
         # flash attention: llama-perplexity's default ("auto") turns it on for the CPU; about 25% faster here.
         return Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
-                     n_threads=self.threads, n_threads_batch=self.threads, flash_attn=True, verbose=False)
+                     n_threads=self.threads, n_threads_batch=self.threads, flash_attn=True, verbose=False,
+                     lora_path=str(lora) if lora else None)
 
     def _chunk_logits(self, llm, batch, chunk: list[int]) -> np.ndarray:
         """Decode one chunk from an empty cache, with output rows only for the scored positions.
@@ -121,19 +122,20 @@ class Gate:
         ptr = llama_cpp.llama_get_logits(ctx)
         return np.ctypeslib.as_array(ptr, shape=(self.rows_per_chunk, self.n_vocab))
 
-    def score(self, candidate_gguf: Path, name: str) -> Score:
-        score = self._evaluate(candidate_gguf, name, reference=False)
+    def score(self, candidate_gguf: Path, name: str, lora: Path | None = None) -> Score:
+        """Compare a quant (with a GGUF LoRA applied at load, for a served adapter) with the f16 reference."""
+        score = self._evaluate(candidate_gguf, name, reference=False, lora=lora)
         score.ppl_ratio = score.ppl / self.reference.ppl
         score.ppl_increase = score.ppl_ratio - 1.0
         score.verdict = verdict_for(score.ppl_increase, self.settings)
         return score
 
-    def _evaluate(self, path: Path, name: str, reference: bool) -> Score:
+    def _evaluate(self, path: Path, name: str, reference: bool, lora: Path | None = None) -> Score:
         rows = self.rows_per_chunk
         if reference:
             self.ref = np.lib.format.open_memmap(self.ref_path, mode="w+", dtype=np.float32,
                                                  shape=(len(self.chunks) * rows, self.n_vocab))
-        llm = self._load(path)
+        llm = self._load(path, lora)
         if llm.n_vocab() != self.n_vocab:
             llm.close()
             raise InputError(f"{path} has a {llm.n_vocab()}-token vocabulary, the f16 has {self.n_vocab}",

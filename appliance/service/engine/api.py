@@ -18,6 +18,7 @@ class GenParams:
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF (JSON schemas)
     choices: "Choices | None" = None  # answer must be one of these token sequences (classification labels)
+    adapter: str | None = None  # a LoRA adapter loaded into the engine (None: the base model alone)
 
 
 class Choices:

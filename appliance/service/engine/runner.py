@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 
 from ... import libllama
 from ...errors import InputError, ServiceError
-from ..errors import BusyError, GrammarError, PromptTooLongError
+from ..errors import BusyError, GrammarError, NotFoundError, PromptTooLongError
 from .api import Delta, Done, GenParams, check_fits
 from .constrained import ChoiceWalk
 from .handle import Handle
@@ -40,7 +41,10 @@ class _Seq:
 
     def __init__(self, handle: Handle, tokens: list[int], params: GenParams, owner: str | None, eog: int):
         self.handle = handle
-        self.owner = owner  # the API key id: KV prefixes are reused only between requests of the same owner
+        self.adapter = params.adapter
+        # KV prefixes are reused only between requests of the same owner (the API key id) on the same adapter:
+        # cells computed with one adapter are wrong for another.
+        self.owner = owner if params.adapter is None else f"{owner}\0{params.adapter}"
         self.tokens = tokens
         self.params = params
         self.slot = -1
@@ -67,7 +71,8 @@ class Engine:
     """
 
     def __init__(self, model_path: Path, *, n_seq_max: int = 8, seq_ctx: int = 2048,
-                 threads: int = 2, queue_max: int = 64, n_batch: int = 512):
+                 threads: int = 2, queue_max: int = 64, n_batch: int = 512,
+                 adapters: dict[str, Path] | None = None):
         model_path = Path(model_path)
         if not model_path.is_file():
             raise InputError(f"model file {model_path} does not exist", "pass --model a GGUF file or a build directory")
@@ -113,6 +118,18 @@ class Engine:
         self._stopping = False  # guarded by _lock
         self._active: list[_Seq] = []  # decode thread only
         self.slots = SlotTable(n_seq_max)  # decode thread only
+        # LoRA adapters (GGUF) over the one set of model weights. libllama sets adapters per context, so a step
+        # decodes one group of sequences per adapter, switching the context's adapter between groups (as
+        # llama-server does for per-request LoRA); the weights are shared, each adapter costs only its own tensors.
+        # `_adapters` is written under `_decode_lock` (held by the decode thread for a whole step), so a load or a
+        # free never overlaps a decode; `_retired` (guarded by `_lock`) are removed names still in use.
+        self._decode_lock = threading.Lock()
+        self._adapters: dict[str, object] = {}
+        self._retired: set[str] = set()
+        self._applied: str | None = None  # decode thread only: the adapter the context has now
+        self.adapter_switches = 0
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
         # Counters read by /metrics (plain ints: written by one thread, read racily but safely).
         self.generated_total = 0
         self.prompt_total = 0
@@ -148,6 +165,71 @@ class Engine:
     def piece(self, token: int, special: bool = False) -> bytes:
         return self.vocabulary.piece(token, special)
 
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters new requests may use."""
+        with self._lock:
+            return sorted(set(self._adapters) - self._retired)
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Load a GGUF LoRA under `name`; the decode thread pauses for the load only (the file is read once)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"adapter file {path} does not exist", "pass a GGUF LoRA written by bankllm")
+        with self._lock:
+            # A name removed a moment ago is freed by the decode thread once its last request ends.
+            self._lock.wait_for(lambda: name not in self._retired, timeout=30)
+            if name in self._adapters:
+                raise InputError(f"an adapter named {name!r} is loaded already", "remove it first or pick another name")
+        with self._decode_lock:
+            ptr = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
+            if not ptr:
+                raise InputError(f"{path} could not be loaded as a LoRA for this model",
+                                 "convert the adapter against this base (`bankllm build`)")
+            with self._lock:
+                self._adapters[name] = ptr
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests for `name` are refused from now on; those running finish, then its memory is freed."""
+        with self._lock:
+            if name not in self._adapters or name in self._retired:
+                raise NotFoundError(f"no adapter named {name!r} is loaded", param="model")
+            self._retired.add(name)
+            self._lock.notify()
+
+    def _free_retired(self) -> None:
+        """Decode thread, between steps: free retired adapters no sequence uses any more."""
+        with self._lock:
+            used = {s.adapter for s in self._active} | {s.adapter for s in self._waiting}
+            done = [n for n in self._retired if n not in used]
+        if not done:
+            return
+        with self._decode_lock:
+            if self._applied in done:
+                llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+                self._applied = None
+            for name in done:
+                with self._lock:
+                    ptr = self._adapters.pop(name)
+                    self._retired.discard(name)
+                    self._lock.notify_all()
+                llama_cpp.llama_adapter_lora_free(ptr)
+
+    def _apply_adapter(self, name: str | None) -> None:
+        if name == self._applied:
+            return
+        if name is None:
+            rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            scales = (ctypes.c_float * 1)(1.0)
+            rc = llama_cpp.llama_set_adapters_lora(self.ctx, arr, 1, scales)
+        if rc != 0:
+            raise ServiceError(f"libllama could not switch to adapter {name!r} ({rc})")
+        self._applied = name
+        self.adapter_switches += 1
+
     # ------------------------------------------------------------------ state for metrics
     @property
     def queue_depth(self) -> int:
@@ -177,6 +259,9 @@ class Engine:
         handle = Handle(asyncio.get_running_loop(), self._wake)
         seq = _Seq(handle, list(tokens), params, owner, self.eog)
         with self._lock:
+            if params.adapter is not None and (params.adapter not in self._adapters or params.adapter in self._retired):
+                served = ", ".join(sorted(set(self._adapters) - self._retired)) or "none"
+                raise NotFoundError(f"no adapter named {params.adapter!r} is loaded (loaded: {served})", param="model")
             if self._stopping:
                 raise BusyError("the service is shutting down; retry on another instance")
             if len(self._waiting) >= self.queue_max:
@@ -197,6 +282,8 @@ class Engine:
         for seq in self._active:
             self._free_sampler(seq)
         llama_cpp.llama_free(self.ctx)
+        for ptr in self._adapters.values():
+            llama_cpp.llama_adapter_lora_free(ptr)
         llama_cpp.llama_model_free(self.model)
 
     def _wake(self) -> None:
@@ -334,7 +421,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._active or
+                while not (self._stopping or self._active or self._retired or
                            (self._waiting and self.slots.free)):
                     self._lock.wait()
                 if self._stopping:
@@ -351,20 +438,33 @@ class Engine:
                     self._finish(seq, "cancelled")
                 self._admit()
                 self._compact()
+            if self._retired:
+                self._free_retired()
             if self._active:
                 try:
-                    self._step()
+                    with self._decode_lock:
+                        self._step()
                 except Exception as exc:  # keep serving: fail the sequences of this step only
                     for seq in list(self._active):
                         self._finish(seq, "error", error=f"decode failed: {exc}")
 
     def _step(self) -> None:
+        """One decode per adapter group of the active sequences (one decode when all share one adapter)."""
+        groups: dict[str | None, list[_Seq]] = {}
+        for seq in self._active:
+            groups.setdefault(seq.adapter, []).append(seq)
+        # The adapter the context has now goes first: one switch per step at most when two groups alternate.
+        for name in sorted(groups, key=lambda n: (n != self._applied, n or "")):
+            self._apply_adapter(name)
+            self._step_group(groups[name])
+
+    def _step_group(self, active: list[_Seq]) -> None:
         self.batch.n_tokens = 0
         outputs: list[tuple[_Seq, int]] = []
         # Running sequences get one token each first, so a long prefill never stalls them; prefills share the rest.
-        budget = self.n_batch - sum(1 for seq in self._active if seq.last is not None)
+        budget = self.n_batch - sum(1 for seq in active if seq.last is not None)
         plan: list[tuple[_Seq, list[int]]] = []
-        for seq in self._active:
+        for seq in active:
             if seq.last is not None:
                 plan.append((seq, [seq.last]))
             elif budget > 0:
