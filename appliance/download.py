@@ -107,7 +107,7 @@ def _fetch(url: str, start_origin: tuple, out, max_bytes: int, deadline: float, 
                                  "check the URL on the internal mirror")
             length = response.getheader("Content-Length")
             if length and length.strip().isdigit() and int(length) > max_bytes:
-                raise FetchError(f"{what} at {current} is {int(length):,} bytes, over the cap of {max_bytes:,}",
+                raise FetchError(f"{what} at {current} is {int(length):,} bytes, over the cap of {max_bytes:,} bytes",
                                  "raise fetch_max_bytes if this file is trusted and really that large")
             return _body(response, out, max_bytes, deadline, fired, deadline_s, current, what)
         except (OSError, http.client.HTTPException) as exc:
