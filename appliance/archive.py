@@ -42,9 +42,17 @@ class ArchiveLimits:
 
     max_bytes: int
     max_members: int
+    bytes_setting: str = ""  # the settings that raise each cap, named in the refusal's fix
+    members_setting: str = ""
 
     def describe(self) -> str:
         return f"{self.max_bytes:,} bytes / {self.max_members:,} members"
+
+    def fix(self, what: str, members: bool = False) -> str:
+        setting = self.members_setting if members else self.bytes_setting
+        if not setting:
+            return f"use a smaller {what}"
+        return f"raise {setting} if this {what} is trusted and really that large"
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,20 @@ def is_archive_name(name: str) -> bool:
 
 
 def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits, *, what: str = "archive",
-                    max_depth: int | None = None, setting: str | None = None) -> list[Member]:
+                    max_depth: int | None = None) -> list[Member]:
     """Check every member of a tar (plain, gz, bz2, xz) or zip `archive`, then unpack it into `dest` (which must
     not exist, or be an empty directory); return the members. Raises UnsafeArchiveError/ArchiveTooLargeError."""
     archive, dest = Path(archive), Path(dest)
     label = f"{what} {archive}"
-    cap_fix = (f"raise {setting} if this {what} is trusted and really that large" if setting
-               else f"use a smaller {what}")
+    cap_fix = limits.fix(what)
+    members_fix = limits.fix(what, members=True)
     if dest.exists() and not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
         raise InputError(f"cannot unpack {label}: {dest} already exists", "remove it or choose another directory")
     fmt = _format(archive, label)
     # Pass 1: headers only. Nothing is written unless every member is acceptable and the totals fit the caps.
-    members = _scan_zip(archive, label, limits, cap_fix) if fmt == "zip" else _scan_tar(archive, fmt, label, limits,
-                                                                                        cap_fix)
+    fixes = (cap_fix, members_fix)
+    members = (_scan_zip(archive, label, limits, fixes) if fmt == "zip"
+               else _scan_tar(archive, fmt, label, limits, fixes))
     _check_layout(members, label, max_depth)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _require_disk(dest.parent, sum(m.size for m in members), label)
@@ -187,18 +196,18 @@ _TAR_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, lzma.LZMAError, z
                UnicodeError, struct.error, NotImplementedError, RuntimeError)
 
 
-def _scan_tar(archive: Path, fmt: str, label: str, limits: ArchiveLimits, cap_fix: str) -> list[Member]:
+def _scan_tar(archive: Path, fmt: str, label: str, limits: ArchiveLimits, fixes: tuple[str, str]) -> list[Member]:
     members: list[Member] = []
     total = 0
     try:
-        with _open_tar(archive, fmt, label, limits, cap_fix) as tar:
+        with _open_tar(archive, fmt, label, limits, fixes[0]) as tar:
             while (info := tar.next()) is not None:
                 member = _tar_member(info, label)
                 if member is None:
                     continue
                 members.append(member)
                 total += member.size
-                _check_caps(len(members), total, label, limits, cap_fix)
+                _check_caps(len(members), total, label, limits, fixes)
     except BankllmError:
         raise
     except _TAR_ERRORS as exc:
@@ -229,11 +238,11 @@ def _tar_member(info: tarfile.TarInfo, label: str) -> Member | None:
     return Member(name, info.isdir(), 0 if info.isdir() else int(info.size))
 
 
-def _scan_zip(archive: Path, label: str, limits: ArchiveLimits, cap_fix: str) -> list[Member]:
+def _scan_zip(archive: Path, label: str, limits: ArchiveLimits, fixes: tuple[str, str]) -> list[Member]:
     declared = _zip_declared_count(archive)
     if declared is not None and declared > limits.max_members:
         raise ArchiveTooLargeError(f"{label} declares {declared:,} members, over the cap of {limits.describe()}",
-                                   cap_fix)
+                                   fixes[1])
     members: list[Member] = []
     total = 0
     try:
@@ -244,7 +253,7 @@ def _scan_zip(archive: Path, label: str, limits: ArchiveLimits, cap_fix: str) ->
                     continue
                 members.append(member)
                 total += member.size
-                _check_caps(len(members), total, label, limits, cap_fix)
+                _check_caps(len(members), total, label, limits, fixes)
     except BankllmError:
         raise
     except _TAR_ERRORS as exc:
@@ -327,13 +336,13 @@ def _clean_name(raw, label: str) -> str | None:
     return "/".join(parts) or None
 
 
-def _check_caps(count: int, total: int, label: str, limits: ArchiveLimits, cap_fix: str) -> None:
+def _check_caps(count: int, total: int, label: str, limits: ArchiveLimits, fixes: tuple[str, str]) -> None:
     if count > limits.max_members:
-        raise ArchiveTooLargeError(f"{label} holds more than {limits.max_members:,} members "
-                                   f"(cap {limits.describe()})", cap_fix)
+        raise ArchiveTooLargeError(f"{label} holds more than {limits.max_members:,} members, over the cap of "
+                                   f"{limits.describe()}", fixes[1])
     if total > limits.max_bytes:
         raise ArchiveTooLargeError(f"{label} declares {total:,}+ bytes of files, over the cap of "
-                                   f"{limits.describe()}", cap_fix)
+                                   f"{limits.describe()}", fixes[0])
 
 
 def _check_layout(members: list[Member], label: str, max_depth: int | None) -> None:

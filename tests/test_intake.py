@@ -29,8 +29,8 @@ from appliance.archive import ArchiveLimits, Member, _Writer, extract_archive
 from appliance.errors import (ArchiveTooLargeError, ChecksumError, ConfigError, FetchError, InputError,
                               UnsafeArchiveError, format_error)
 from appliance.fsutil import sha256_file
-from appliance.install.bundle import MANIFEST, SCHEMA, open_bundle
-from appliance.pipeline.adapter import directory_digest, resolve_adapter
+from appliance.install.bundle import MANIFEST, SCHEMA, bundle_limits, open_bundle
+from appliance.pipeline.adapter import adapter_limits, directory_digest, resolve_adapter
 from appliance.settings import Settings
 from tests.conftest import REPO, run_cli
 
@@ -278,7 +278,7 @@ def test_bombs_are_refused_from_their_headers(tmp_path):
     work = tmp_path / "work"
     for archive in (tgz, zipped):
         with pytest.raises(ArchiveTooLargeError, match="over the cap of 8,388,608 bytes") as info:
-            extract_archive(archive, work / "dest", limits, setting="adapter_archive_max_bytes")
+            extract_archive(archive, work / "dest", ArchiveLimits(8 << 20, 50, "adapter_archive_max_bytes"))
         assert "raise adapter_archive_max_bytes" in format_error(info.value)
         assert not work.exists() or _listing(work) == []
     # Under a cap that allows it, the same tar unpacks: the refusal above was the cap, not the archive.
@@ -336,6 +336,11 @@ def test_bytes_are_counted_as_written(tmp_path):
 
 # --- bundles ------------------------------------------------------------------------------------------
 
+class _Caps:
+    def __init__(self, max_bytes: int, max_members: int):
+        self.bundle_max_bytes, self.bundle_max_members = max_bytes, max_members
+
+
 def _bundle(path: Path, extra=(), files=None) -> Path:
     files = files or {"model/model.gguf": b"GGUF" + b"\0" * 1000, "wheelhouse/bankllm-0.1.0-py3-none-any.whl": b"w"}
     manifest = {"schema": SCHEMA, "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
@@ -361,10 +366,11 @@ def test_bundle_uses_the_same_extractor(tmp_path):
         _check_refusal(info.value, bundle)
         assert not (tmp_path / "x").exists() or _listing(tmp_path / "x") == [], name
     with pytest.raises(ArchiveTooLargeError, match="over the cap of 500 bytes") as info:
-        open_bundle(_bundle(tmp_path / "ok2.tar"), tmp_path / "y" / "b", limits=ArchiveLimits(500, 100))
+        open_bundle(_bundle(tmp_path / "ok2.tar"), tmp_path / "y" / "b", limits=bundle_limits(_Caps(500, 100)))
     assert "fix: raise bundle_max_bytes" in format_error(info.value)
-    with pytest.raises(ArchiveTooLargeError, match="members"):
-        open_bundle(_bundle(tmp_path / "ok3.tar"), tmp_path / "y" / "b", limits=ArchiveLimits(1 << 20, 2))
+    with pytest.raises(ArchiveTooLargeError, match="members") as info:
+        open_bundle(_bundle(tmp_path / "ok3.tar"), tmp_path / "y" / "b", limits=bundle_limits(_Caps(1 << 20, 2)))
+    assert "fix: raise bundle_max_members" in format_error(info.value)
     assert _listing(tmp_path / "y") == []
 
 
@@ -608,7 +614,8 @@ def test_archive_pin_and_cached_unpacking(tmp_path):
     assert not (tmp_path / "c2").exists()
     bomb = _zero_bomb_tar(tmp_path / "bomb.tar.gz", 16 << 20)
     with pytest.raises(ArchiveTooLargeError, match="over the cap of 1,048,576 bytes") as info:
-        resolve_adapter(str(bomb), None, tmp_path / "c3", limits=ArchiveLimits(1 << 20, 100))
+        resolve_adapter(str(bomb), None, tmp_path / "c3", limits=adapter_limits(Settings.load(
+            env={"BANKLLM_ADAPTER_ARCHIVE_MAX_BYTES": str(1 << 20)})))
     assert "fix: raise adapter_archive_max_bytes" in format_error(info.value)
     _no_leftovers(tmp_path / "c3")
 

@@ -109,8 +109,10 @@ def bundle_limits(settings=None) -> ArchiveLimits:
         from ..settings import Settings
 
         defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
-        return ArchiveLimits(defaults["bundle_max_bytes"], defaults["bundle_max_members"])
-    return ArchiveLimits(settings.bundle_max_bytes, settings.bundle_max_members)
+        return ArchiveLimits(defaults["bundle_max_bytes"], defaults["bundle_max_members"], "bundle_max_bytes",
+                             "bundle_max_members")
+    return ArchiveLimits(settings.bundle_max_bytes, settings.bundle_max_members, "bundle_max_bytes",
+                         "bundle_max_members")
 
 
 def open_bundle(path: Path, dest: Path, python: Path | None = None, limits: ArchiveLimits | None = None) -> OpenedBundle:
@@ -120,8 +122,7 @@ def open_bundle(path: Path, dest: Path, python: Path | None = None, limits: Arch
         raise InputError(f"bundle {path} does not exist", "pass the file made by `bankllm bundle --out`")
     # The shared safe extractor (appliance/archive.py) checks and writes every member: regular files and
     # directories only, plain relative names at most two levels deep, caps on bytes and members.
-    extract_archive(path, dest, limits or bundle_limits(), what="bundle", max_depth=2,
-                    setting="bundle_max_bytes (or bundle_max_members)")
+    extract_archive(path, dest, limits or bundle_limits(), what="bundle", max_depth=2)
     manifest = _read_json(dest / MANIFEST)
     if not manifest or manifest.get("schema") != SCHEMA or not isinstance(manifest.get("files"), dict):
         raise ChecksumError(f"bundle {path} has no valid {MANIFEST}", "rebuild the bundle with `bankllm bundle`")

@@ -61,7 +61,8 @@ def _setting_default(name: str):
 
 def adapter_limits(settings) -> ArchiveLimits:
     """The caps on an adapter archive, from the settings."""
-    return ArchiveLimits(settings.adapter_archive_max_bytes, settings.adapter_archive_max_members)
+    return ArchiveLimits(settings.adapter_archive_max_bytes, settings.adapter_archive_max_members,
+                         "adapter_archive_max_bytes", "adapter_archive_max_members")
 
 
 def resolve_adapter(src: str, expected_sha256: str | None, cache_dir: Path, timeout_s: float | None = None, *,
@@ -75,7 +76,8 @@ def resolve_adapter(src: str, expected_sha256: str | None, cache_dir: Path, time
     timeout_s = _setting_default("fetch_timeout_s") if timeout_s is None else timeout_s
     max_download_bytes = max_download_bytes or _setting_default("fetch_max_bytes")
     limits = limits or ArchiveLimits(_setting_default("adapter_archive_max_bytes"),
-                                     _setting_default("adapter_archive_max_members"))
+                                     _setting_default("adapter_archive_max_members"),
+                                     "adapter_archive_max_bytes", "adapter_archive_max_members")
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", src):
         if not re.match(r"^https?://", src, re.IGNORECASE):
             raise InputError(f"adapter URL {src} is not http(s)", "publish the adapter on an http(s) mirror")
@@ -160,6 +162,8 @@ def _download(url: str, expected: str | None, dest_dir: Path, timeout_s: float, 
                             "its bytes are pinned", "pass --adapter-sha256 with the sha256 of the archive file "
                             "(`sha256sum FILE` on the mirror)")
     dest = dest_dir / f"{expected[:16]}-{name}"
+    if dest.is_file() and sha256_file(dest) == expected:
+        return dest  # fetched and verified by an earlier run: no second download
     download_pinned(url, dest, expected, max_bytes=max_bytes, deadline_s=timeout_s, what="adapter",
                     pin_flag="--adapter-sha256")
     return dest
@@ -174,8 +178,7 @@ def _from_archive(archive: Path, source: str, kind: str, expected: str | None, c
     if not _cached_tree_ok(dest, marker, digest):
         shutil.rmtree(dest, ignore_errors=True)
         marker.unlink(missing_ok=True)
-        extract_archive(archive, dest, limits, what="adapter archive", setting="adapter_archive_max_bytes "
-                        "(or adapter_archive_max_members)")
+        extract_archive(archive, dest, limits, what="adapter archive")
         write_json_atomic(marker, {"archive_sha256": digest, "tree_sha256": directory_digest(dest)})
     root = _find_adapter_root(dest)
     return Adapter(path=root, source=source, kind=kind, sha256=digest, config=AdapterDir(root).config(),
