@@ -271,9 +271,9 @@ def test_good_archives_unpack_with_fixed_modes(tmp_path):
 
 @pytest.mark.fast
 def test_bombs_are_refused_from_their_headers(tmp_path):
-    tgz = _zero_bomb_tar(tmp_path / "bomb.tar.gz", 64 << 20)
-    zipped = _zero_bomb_zip(tmp_path / "bomb.zip", 64 << 20)
-    assert tgz.stat().st_size < 200_000 and zipped.stat().st_size < 200_000  # 64 MiB of zeros, a few KB packed
+    tgz = _zero_bomb_tar(tmp_path / "bomb.tar.gz", 32 << 20)
+    zipped = _zero_bomb_zip(tmp_path / "bomb.zip", 32 << 20)
+    assert tgz.stat().st_size < 200_000 and zipped.stat().st_size < 200_000  # 32 MiB of zeros, a few KB packed
     limits = ArchiveLimits(max_bytes=8 << 20, max_members=50)
     work = tmp_path / "work"
     for archive in (tgz, zipped):
@@ -282,8 +282,8 @@ def test_bombs_are_refused_from_their_headers(tmp_path):
         assert "raise adapter_archive_max_bytes" in format_error(info.value)
         assert not work.exists() or _listing(work) == []
     # Under a cap that allows it, the same tar unpacks: the refusal above was the cap, not the archive.
-    extract_archive(tgz, work / "ok", ArchiveLimits(max_bytes=64 << 20, max_members=5))
-    assert (work / "ok/adapter/adapter_model.safetensors").stat().st_size == 64 << 20
+    extract_archive(tgz, work / "ok", ArchiveLimits(max_bytes=32 << 20, max_members=5))
+    assert (work / "ok/adapter/adapter_model.safetensors").stat().st_size == 32 << 20
 
 
 @pytest.mark.fast
@@ -305,6 +305,22 @@ def test_headers_and_data_that_lie_are_refused(tmp_path):
     archive = _tar(tmp_path / "pax-bomb.tar.gz", [(big, b"x")])
     with pytest.raises(UnsafeArchiveError, match="header or record"):
         extract_archive(archive, tmp_path / "d1", SMALL)
+    # Headers under the per-read limit that still add up past the cap: refused while reading, not after.
+    many = []
+    for i in range(3):
+        info = _info(f"adapter/x{i}")
+        info.pax_headers = {"comment": "z" * (10 << 20)}
+        many.append((info, b"x"))
+    archive = _tar(tmp_path / "pax-many.tar.gz", many)
+    with pytest.raises(ArchiveTooLargeError, match="expands beyond the cap"):
+        extract_archive(archive, tmp_path / "d1", SMALL)
+    # A tar cut short: its last member declares more data than the file holds.
+    whole = _tar(tmp_path / "whole.tar", [_file("adapter/a.bin", b"a" * 100_000)], "w")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:50_000])
+    whole.unlink()
+    with pytest.raises(InputError, match="corrupt|declares"):
+        extract_archive(cut, tmp_path / "d1", SMALL)
     # A zip whose central directory declares 10 bytes for a member that inflates to 2 MiB.
     zipped = _zero_bomb_zip(tmp_path / "liar.zip", 2 << 20)
     data = bytearray(zipped.read_bytes())
@@ -313,7 +329,7 @@ def test_headers_and_data_that_lie_are_refused(tmp_path):
     zipped.write_bytes(bytes(data))
     with pytest.raises(InputError):
         extract_archive(zipped, tmp_path / "d2", SMALL)
-    assert _listing(tmp_path) == ["liar.zip", "pax-bomb.tar.gz"]
+    assert _listing(tmp_path) == ["cut.tar", "liar.zip", "pax-bomb.tar.gz", "pax-many.tar.gz"]
 
 
 @pytest.mark.fast
@@ -433,6 +449,9 @@ class _Server:
                     except OSError:
                         pass
                     return
+                if self.path.startswith("/slow-headers"):  # the status line only after 10 s
+                    time.sleep(10)
+                    return
                 if self.path.startswith("/trickle"):
                     self.send_response(200)
                     self.send_header("Content-Length", "100")
@@ -509,6 +528,9 @@ def test_url_needs_a_pin_and_same_origin_redirects(server, tmp_path):
     assert f"--adapter-sha256 {digest}" in format_error(info.value), "the actual digest is printed to pin"
     for cache_dir in ("c4", "c5", "c6"):
         _no_leftovers(tmp_path / cache_dir)
+    before = len(server.requests)
+    assert resolve_adapter(server.url("/adapter.tar.gz"), digest, cache).sha256 == digest
+    assert len(server.requests) == before, "a verified download is reused, not fetched again"
 
 
 @pytest.mark.fast
@@ -525,6 +547,10 @@ def test_url_size_cap_and_overall_deadline(server, tmp_path):
     elapsed = time.monotonic() - started
     assert 0.9 <= elapsed < 2.5, f"refused after {elapsed:.1f} s, not at the 1 s deadline"  # the body takes 10 s
     assert "fetch_timeout_s" in format_error(info.value)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="did not finish within 1 s"):
+        resolve_adapter(server.url("/slow-headers/a.tar.gz"), pin, tmp_path / "c", timeout_s=1.0)
+    assert time.monotonic() - started < 2.5
     _no_leftovers(tmp_path / "c")
 
 
