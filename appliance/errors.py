@@ -26,6 +26,15 @@ class ChecksumError(InputError):
     """Bytes do not match the sha256 they were pinned to."""
 
 
+# --- intake: archives and downloads (issue 11) ---
+class UnsafeArchiveError(InputError):
+    """An archive holds a member bankllm will not unpack (a link, a device, a name outside its directory...)."""
+
+
+class ArchiveTooLargeError(UnsafeArchiveError):
+    """An archive declares or expands to more bytes or members than the configured cap."""
+
+
 class AdapterMismatchError(InputError):
     """An adapter was made for another base model."""
 

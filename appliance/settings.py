@@ -58,7 +58,20 @@ class Settings:
         "Quantizations that --quant auto walks, lowest bit first."))
     min_free_disk_factor: float = field(default=4.0, metadata=_doc(
         "Refuse a build unless free disk is at least this many times the base checkpoint's size."))
-    fetch_timeout_s: float = field(default=60.0, metadata=_doc("Timeout for fetching an adapter from a URL."))
+    # --- intake limits: adapter archives and downloads, bundles (issue 11) -------------------
+    fetch_timeout_s: float = field(default=900.0, metadata=_doc(
+        "Overall deadline for fetching an adapter from a URL (connect, redirects and the whole body), in seconds."))
+    fetch_max_bytes: int = field(default=4 << 30, metadata=_doc(
+        "Largest adapter download accepted (bytes); a larger body is refused while it arrives."))
+    adapter_archive_max_bytes: int = field(default=4 << 30, metadata=_doc(
+        "Largest total size of the files in an adapter archive (bytes), checked from its headers and while "
+        "unpacking (a LoRA adapter of a 70B model in fp32 is about 3.3 GB)."))
+    adapter_archive_max_members: int = field(default=1000, metadata=_doc(
+        "Most entries (files and directories) an adapter archive may hold."))
+    bundle_max_bytes: int = field(default=256 << 30, metadata=_doc(
+        "Largest total size of the files in a bundle (bytes): wheels plus the model, checked from its headers and "
+        "while unpacking."))
+    bundle_max_members: int = field(default=10000, metadata=_doc("Most entries a bundle may hold."))
 
     # --- service -----------------------------------------------------------------------------
     host: str = field(default="127.0.0.1", metadata=_doc("Address the service binds to (loopback by default)."))
@@ -163,6 +176,10 @@ class Settings:
                               "use a value in [0.5, 1), e.g. 0.98")
         if not (0.0 < self.clarify_mass <= 1.0):
             raise ConfigError(f"clarify_mass={self.clarify_mass} is out of range", "use a value in (0, 1]")
+        for name in ("fetch_timeout_s", "fetch_max_bytes", "adapter_archive_max_bytes", "adapter_archive_max_members",
+                     "bundle_max_bytes", "bundle_max_members"):  # intake limits (issue 11)
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive", f"set {name} above 0")
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range", "use a port between 1 and 65535")
 

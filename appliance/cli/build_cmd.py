@@ -11,7 +11,7 @@ from .options import PATH, config_option
 @click.command()
 @click.option("--base", type=PATH, help="16-bit Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct).")
 @click.option("--adapter", help="PEFT LoRA directory, .tar/.tar.gz/.zip of one, or http(s) URL (default: the shipped adapter).")
-@click.option("--adapter-sha256", help="Expected sha256 of the adapter archive (or of adapter_model.safetensors for a directory).")
+@click.option("--adapter-sha256", help="Pin of the adapter: sha256 of the archive file (`sha256sum FILE`); for a directory its manifest digest, sha256 over the sorted lines 'relpath\\0sha256\\n' of every file (a wrong pin prints the actual one). Required for a URL.")
 @click.option("--quant", default="auto", show_default=True, help="auto walks Q4_K_M -> Q5_K_M -> Q6_K -> Q8_0; or one of them.")
 @click.option("--ppl-text", type=PATH, help="Banking text for the perplexity gate (default: the shipped one).")
 @click.option("--out", type=PATH, help="Build directory (default: <data dir>/builds/<build id>).")

@@ -35,7 +35,7 @@ layout_options = compose(
 )
 adapter_options = compose(
     click.option("--adapter", help="PEFT LoRA directory, archive or URL (default: the shipped adapter)."),
-    click.option("--adapter-sha256", help="Expected sha256 of the adapter."),
+    click.option("--adapter-sha256", help="Pin of the adapter: sha256 of the archive file (`sha256sum FILE`); for a directory its manifest digest, sha256 over the sorted lines 'relpath\\0sha256\\n' of every file (a wrong pin prints the actual one). Required for a URL."),
 )
 
 

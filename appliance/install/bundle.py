@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 import time
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..archive import ArchiveLimits, extract_archive
 from ..artifacts import MODEL_FILE
 from ..errors import ChecksumError, InputError, InstallError
-from ..fsutil import CHUNK, atomic_path, require_free_disk, sha256_file
+from ..fsutil import atomic_path, require_free_disk, sha256_file
 from .store import build_report
 from .venv import python_tag
 
@@ -102,30 +103,26 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def open_bundle(path: Path, dest: Path, python: Path | None = None) -> OpenedBundle:
+def bundle_limits(settings=None) -> ArchiveLimits:
+    """The caps on a bundle's unpacked size and entry count (the settings' defaults without settings)."""
+    if settings is None:
+        from ..settings import Settings
+
+        defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+        return ArchiveLimits(defaults["bundle_max_bytes"], defaults["bundle_max_members"], "bundle_max_bytes",
+                             "bundle_max_members")
+    return ArchiveLimits(settings.bundle_max_bytes, settings.bundle_max_members, "bundle_max_bytes",
+                         "bundle_max_members")
+
+
+def open_bundle(path: Path, dest: Path, python: Path | None = None, limits: ArchiveLimits | None = None) -> OpenedBundle:
     """Unpack into `dest` (a scratch directory) and verify every file against the manifest; nothing else is touched."""
     path, dest = Path(path), Path(dest)
     if not path.is_file():
         raise InputError(f"bundle {path} does not exist", "pass the file made by `bankllm bundle --out`")
-    try:
-        with tarfile.open(path, "r:") as tar:
-            members = tar.getmembers()
-            for m in members:
-                # Only plain files with plain relative names: no links, devices, absolute paths or '..'.
-                parts = Path(m.name).parts
-                if not m.isfile() or m.name.startswith("/") or ".." in parts or len(parts) > 2:
-                    raise ChecksumError(f"bundle {path} holds an unexpected entry {m.name!r}",
-                                        "rebuild the bundle with `bankllm bundle`; do not repack it by hand")
-            # Written by hand rather than extractall(filter=...), which Debian's Python 3.11.2 lacks; every
-            # name was checked above, and modes are not taken from the archive.
-            for m in members:
-                target = dest / m.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ChecksumError(f"bundle {path} is damaged or not a bankllm bundle ({exc})",
-                            "copy the bundle again and compare its sha256 with the one `bankllm bundle` printed") from None
+    # The shared safe extractor (appliance/archive.py) checks and writes every member: regular files and
+    # directories only, plain relative names at most two levels deep, caps on bytes and members.
+    extract_archive(path, dest, limits or bundle_limits(), what="bundle", max_depth=2)
     manifest = _read_json(dest / MANIFEST)
     if not manifest or manifest.get("schema") != SCHEMA or not isinstance(manifest.get("files"), dict):
         raise ChecksumError(f"bundle {path} has no valid {MANIFEST}", "rebuild the bundle with `bankllm bundle`")

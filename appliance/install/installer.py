@@ -17,7 +17,7 @@ from ..fsutil import require_free_disk
 from ..settings import Settings
 from . import steps, store
 from . import systemd as sd
-from .bundle import open_bundle
+from .bundle import bundle_limits, open_bundle
 from .health import endpoint_of, port_in_use, unit_active
 from .layout import STAGED, USER, Layout
 from .lock import install_lock
@@ -64,7 +64,7 @@ def install(settings: Settings, layout: Layout, *, build_dir: Path | None = None
             if Path(bundle).is_file():
                 require_free_disk(scratch, Path(bundle).stat().st_size + (64 << 20), "unpacking the bundle")
             # Every hash is checked before anything on the system is touched.
-            opened = open_bundle(bundle, scratch / "bundle", python=python)
+            opened = open_bundle(bundle, scratch / "bundle", python=python, limits=bundle_limits(settings))
             log(f"bundle verified: {len(opened.manifest['files'])} files match their sha256")
             build_dir, wheelhouse = opened.build_dir, opened.wheelhouse
         if wheelhouse is None:

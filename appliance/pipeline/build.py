@@ -20,7 +20,7 @@ from ..fsutil import (atomic_dir, remove_stale_temps, require_free_disk, sha256_
                       write_json_atomic)
 from ..resources import default_adapter_dir, default_gate_text
 from ..settings import Settings
-from .adapter import Adapter, check_adapter_fits, resolve_adapter
+from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapter
 from .calibrate import calibrate
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
@@ -57,7 +57,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     if adapter is None and (shipped := default_adapter_dir()) is not None and base is None:
         adapter = str(shipped)
     cache_dir = Path(settings.data_dir) / "cache"
-    lora = resolve_adapter(adapter, adapter_sha256, cache_dir, settings.fetch_timeout_s) if adapter else None
+    lora = resolve_adapter(adapter, adapter_sha256, cache_dir, settings.fetch_timeout_s,
+                           max_download_bytes=settings.fetch_max_bytes, limits=adapter_limits(settings)) \
+        if adapter else None
     if adapter_sha256 and lora is None:
         raise InputError("--adapter-sha256 was given without --adapter", "pass --adapter too, or drop the hash")
     if lora is not None:
