@@ -26,6 +26,10 @@ class ChecksumError(InputError):
     """Bytes do not match the sha256 they were pinned to."""
 
 
+class SignatureError(ChecksumError):
+    """A signature is missing, malformed, made with another key, or does not cover these bytes."""
+
+
 class AdapterMismatchError(InputError):
     """An adapter was made for another base model."""
 
