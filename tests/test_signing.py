@@ -404,3 +404,42 @@ def test_serve_verifies_the_build_at_start(tmp_path, build, keys):
     # A bare .gguf cannot carry a signature: refused while trust_key is set.
     proc = run_cli("serve", "--model", build / MODEL_FILE, "--port", "1", env=env, timeout=120)
     assert proc.returncode == 2 and "not a build directory" in proc.stderr, proc.stderr
+
+
+# --- bootstrapping the installer from the bundle (before bankllm exists on the server) ------------------------------
+
+def _run_checks(lines: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    script = "set -e\n" + "\n".join(lines[:-2])  # every check; not the pip install and the install themselves
+    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+
+
+def test_bootstrap_lines_check_the_wheelhouse_before_pip_sees_it(tmp_path, signed_bundle, unsigned_bundle, keys):
+    from appliance.install.bundle import bootstrap_lines
+
+    def site(name: str, bundle: Path) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copyfile(bundle, d / "b.tar")
+        shutil.copyfile(keys[1], d / "bankllm-signing.pub")
+        return d
+
+    signed = bootstrap_lines("b.tar", sha256_file(signed_bundle), signed=True)
+    assert signed[-1] == "sudo boot/venv/bin/bankllm install --bundle b.tar --trust bankllm-signing.pub"
+    ok = _run_checks(signed, site("ok", signed_bundle))
+    assert ok.returncode == 0 and "wheelhouse matches manifest.json" in ok.stdout, ok.stderr
+    evil = _run_checks(signed, site("evil", swap_wheel(signed_bundle, tmp_path / "evil.tar")))
+    assert evil.returncode != 0 and "wheelhouse matches" not in evil.stdout
+    # A wheel added beside the listed ones (pip would pick the highest version): refused here and by the installer.
+    members = tar_members(signed_bundle) + [(tarfile.TarInfo("wheelhouse/bankllm-9.9-py3-none-any.whl"), b"PK evil")]
+    extra = write_tar(tmp_path / "extra.tar", members)
+    added = _run_checks(signed, site("extra", extra))
+    assert added.returncode != 0 and "wheelhouse differs from manifest.json" in added.stderr
+    with pytest.raises(ChecksumError, match="missing or extra"):
+        open_bundle(extra, tmp_path / "out", trust=keys[1])
+
+    unsigned = bootstrap_lines("b.tar", sha256_file(unsigned_bundle), signed=False)
+    assert unsigned[-1].endswith(f"--bundle-sha256 {sha256_file(unsigned_bundle)}")
+    assert _run_checks(unsigned, site("plain", unsigned_bundle)).returncode == 0
+    swapped = site("plain-evil", swap_wheel(unsigned_bundle, tmp_path / "evil2.tar"))
+    assert _run_checks(unsigned, swapped).returncode != 0 and not (swapped / "boot").exists()

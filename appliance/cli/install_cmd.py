@@ -103,7 +103,7 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
 def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, out, sign_key, **train):
     """Make the air-gap bundle: wheelhouse for this Python and platform, the built model, a sha256 manifest."""
     from ..fsutil import sha256_file
-    from ..install.bundle import make_bundle
+    from ..install.bundle import bootstrap_lines, make_bundle
 
     train = pop_prefixed(train, _TRAIN)
     settings = Settings.load(config=config)
@@ -117,11 +117,10 @@ def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, 
     digest = sha256_file(out)
     click.echo(f"bundle {out}: {len(manifest['files'])} files for {manifest['python_tag']} {manifest['machine']}, "
                f"build {manifest['build_id']}; sha256 {digest}" + ("; signed" if sign_key else ""))
-    click.echo("on the air-gapped server (no bankllm there yet: the bundle's wheelhouse bootstraps the installer):")
-    click.echo(f"  mkdir -p boot && tar -xf {out.name} -C boot wheelhouse && python3 -m venv boot/venv && "
-               f"boot/venv/bin/pip install --no-index --find-links boot/wheelhouse bankllm")
-    verify = "--trust bankllm-signing.pub" if sign_key else f"--bundle-sha256 {digest}"
-    click.echo(f"  sudo boot/venv/bin/bankllm install --bundle {out.name} {verify}")
+    click.echo("on the air-gapped server (no bankllm there yet: the bundle's wheelhouse bootstraps the installer, "
+               "checked first):")
+    for line in bootstrap_lines(out.name, digest, signed=sign_key is not None):
+        click.echo(f"  {line}")
 
 
 def _readonly_layout(user, root):

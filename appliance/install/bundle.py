@@ -113,6 +113,38 @@ def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+# Run on the server before bankllm exists there (so with nothing but python3's standard library, tar and openssl): the
+# wheelhouse that bootstraps the installer must be checked before pip installs it, or the verifier could be replaced.
+_CHECK_WHEELHOUSE = (
+    "python3 -c 'import hashlib,json,os,sys;f=json.load(open(\"manifest.json\"))[\"files\"];"
+    "w={\"wheelhouse/\"+n for n in os.listdir(\"wheelhouse\")};"
+    "sys.exit(\"wheelhouse differs from manifest.json\") if w!={n for n in f if n.startswith(\"wheelhouse/\")} else 0;"
+    "[sys.exit(n+\": sha256 differs from manifest.json\") for n in sorted(w) "
+    "if hashlib.sha256(open(n,\"rb\").read()).hexdigest()!=f[n]];print(\"wheelhouse matches manifest.json\")'")
+
+
+def bootstrap_lines(bundle_name: str, digest: str, signed: bool, pubkey: str = "bankllm-signing.pub") -> list[str]:
+    """The shell lines that bring a bundle's installer onto an air-gapped server, each checked before it is used:
+    the whole file's sha256 (unsigned), or the manifest's signature with openssl and then every wheel (signed)."""
+    if signed:
+        check = [
+            f"mkdir -p boot && tar -xf {bundle_name} -C boot {MANIFEST} {MANIFEST_SIG} && cd boot",
+            "python3 -c 'import base64,json;open(\"sig.bin\",\"wb\").write(base64.b64decode(json.load("
+            f"open(\"{MANIFEST_SIG}\"))[\"signature\"]));open(\"signed.bin\",\"wb\").write("
+            f"b\"{signing.BUNDLE_CONTEXT}\\0\"+open(\"{MANIFEST}\",\"rb\").read())'",
+            f"openssl pkeyutl -verify -pubin -inkey ../{pubkey} -rawin -in signed.bin -sigfile sig.bin",
+            f"tar -xf ../{bundle_name} wheelhouse && {_CHECK_WHEELHOUSE} && cd ..",
+        ]
+        verify = f"--trust {pubkey}"
+    else:
+        check = [f"echo '{digest}  {bundle_name}' | sha256sum -c",
+                 f"mkdir -p boot && tar -xf {bundle_name} -C boot wheelhouse"]
+        verify = f"--bundle-sha256 {digest}"
+    return [*check,
+            "python3 -m venv boot/venv && boot/venv/bin/pip install --no-index --find-links boot/wheelhouse bankllm",
+            f"sudo boot/venv/bin/bankllm install --bundle {bundle_name} {verify}"]
+
+
 class _HashingReader:
     """A file read front to back once, every byte also going into a sha256 (tarfile's stream mode never seeks)."""
 
