@@ -212,9 +212,9 @@ def authenticate_bundle(path: Path, trust: Path | None = None, bundle_sha256: st
         raise ChecksumError(f"bundle {path} has no {MANIFEST}", "rebuild the bundle with `bankllm bundle`")
     if public_key is not None:
         if MANIFEST_SIG not in head:
-            raise SignatureError(f"bundle {path} is not signed (no {MANIFEST_SIG}), but --trust was given",
-                                 "make the bundle with `bankllm bundle --sign KEY`, or install it with "
-                                 "--bundle-sha256 HEX instead of --trust")
+            raise SignatureError(f"bundle {path} is not signed (no {MANIFEST_SIG}), but a trusted key is set "
+                                 f"({trust})", "make the bundle with `bankllm bundle --sign KEY`; once the bank "
+                                               "trusts a key (--trust, or trust_key), unsigned bundles are refused")
         signing.verify_bundle_manifest(public_key, head[MANIFEST], head[MANIFEST_SIG],
                                        f"the signature of bundle {path}")
     try:
