@@ -443,3 +443,16 @@ def test_bootstrap_lines_check_the_wheelhouse_before_pip_sees_it(tmp_path, signe
     assert _run_checks(unsigned, site("plain", unsigned_bundle)).returncode == 0
     swapped = site("plain-evil", swap_wheel(unsigned_bundle, tmp_path / "evil2.tar"))
     assert _run_checks(unsigned, swapped).returncode != 0 and not (swapped / "boot").exists()
+
+
+def test_the_store_copies_a_build_again_once_it_is_signed(tmp_path, build, keys):
+    """The installer's copy of a build carries its signature: a build signed after it was installed is copied again."""
+    from appliance.install.store import store_build
+
+    lay = system_layout(tmp_path / "root")
+    assert store_build(lay, build, "b1") and not store_build(lay, build, "b1")
+    signing.sign_build(build, signing.load_private_key(keys[0]))
+    assert store_build(lay, build, "b1")
+    stored = lay.host(lay.models_dir) / "b1"
+    assert signing.verify_build(stored, signing.load_public_key(keys[1]))["files"].keys() == \
+        {p.name for p in build.iterdir() if p.name != SIGNATURE_FILE}

@@ -56,13 +56,12 @@ def _same_files(dest: Path, build_dir: Path) -> bool:
     if not (dest / MODEL_FILE).is_file():
         return False
     names = _shipped(build_dir)
-    return _shipped(dest) == names and all(
-        (dest / n).stat().st_size == (build_dir / n).stat().st_size and sha256_file(dest / n) == sha256_file(build_dir / n)
-        for n in names)
+    return _shipped(dest) == names and all((dest / n).stat().st_size == (build_dir / n).stat().st_size
+                                           and sha256_file(dest / n) == sha256_file(build_dir / n) for n in names)
 
 
 def store_build(layout: Layout, build_dir: Path, build_id: str) -> bool:
-    """Copy the build under models/<id>/ unless the same model is there; True when it copied."""
+    """Copy the build under models/<id>/ unless the same files are there; True when it copied."""
     models = layout.host(layout.models_dir)
     models.mkdir(parents=True, exist_ok=True)
     os.chmod(models, 0o755)
