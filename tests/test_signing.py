@@ -456,3 +456,12 @@ def test_the_store_copies_a_build_again_once_it_is_signed(tmp_path, build, keys)
     stored = lay.host(lay.models_dir) / "b1"
     assert signing.verify_build(stored, signing.load_public_key(keys[1]))["files"].keys() == \
         {p.name for p in build.iterdir() if p.name != SIGNATURE_FILE}
+
+
+def test_build_and_bundle_refuse_a_bad_signing_key_before_any_work(tmp_path, keys):
+    for cmd in (["build", "--sign", tmp_path / "missing.key", "--out", tmp_path / "b"],
+                ["bundle", "--sign", keys[1], "--out", tmp_path / "b.tar"]):
+        proc = run_cli(*cmd, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert ("does not exist" in proc.stderr) if cmd[0] == "build" else ("not a private key" in proc.stderr)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.tar").exists()
