@@ -265,8 +265,9 @@ def verify_build(build_dir: Path, public_key: Ed25519PublicKey) -> dict:
                                                                             "wrote") from None
         raise SignatureError(f"build {build_dir} is not signed (no {SIGNATURE_FILE})",
                              f"sign it with `bankllm sign {build_dir} --key KEY`, or unset trust_key") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SignatureError(f"{sig_path} is not a regular file", "sign the build directory again")
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIGNATURE_BYTES:
+        raise SignatureError(f"{sig_path} is not a signature file (a link, or too large)",
+                             "sign the build directory again")
     doc = parse_document(sig_path.read_bytes(), what)
     if "manifest" not in doc:
         raise SignatureError(f"{what} holds no manifest", "sign the build directory again with `bankllm sign`")
