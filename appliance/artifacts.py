@@ -21,6 +21,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # adapter directory: peft's LoRA configu
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # adapter directory: the LoRA tensors
 VALIDATION_FILE = "validation.csv"  # adapter directory: its held-out text,category split (calibration, threshold)
 CALIBRATION_FILE = "calibration.json"  # build directory: the calibration's figures (beside its PNG plots)
+SIGNATURE_FILE = "bankllm-build.sig"  # build directory: ed25519 signature over every other file (appliance/signing.py)
 
 # The prompt an adapter without a task file was trained with (bankllm's training default). Short on purpose:
 # every prompt token costs training time on a CPU, and the label carries the task.

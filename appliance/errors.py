@@ -35,6 +35,10 @@ class ArchiveTooLargeError(UnsafeArchiveError):
     """An archive declares or expands to more bytes or members than the configured cap."""
 
 
+class SignatureError(ChecksumError):
+    """A signature is missing, malformed, made with another key, or does not cover these bytes."""
+
+
 class AdapterMismatchError(InputError):
     """An adapter was made for another base model."""
 

@@ -119,6 +119,12 @@ class Settings:
         "Below the threshold, ask a clarifying question when the two or three likeliest intents hold at least this "
         "much probability together; otherwise hand over."))
 
+    # --- signatures (appliance/signing.py; issue 11, finding 4) ---------------------------------------
+    trust_key: Path | None = field(default=None, metadata=_doc(
+        "The bank's ed25519 public key (PEM). When set, `bankllm serve` verifies the build directory's signature "
+        "(bankllm-build.sig) at start and refuses to start if a file is missing, added or changed or the signature "
+        "is bad; `bankllm install` checks bundles and builds with it. `bankllm install --trust KEY` sets it."))
+
     # --- install -----------------------------------------------------------------------------
     allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"], metadata=_doc(
         "Client networks the systemd unit lets reach the service (IPAddressAllow)."))

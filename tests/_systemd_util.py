@@ -189,5 +189,7 @@ def clean_env(**extra) -> dict:
     """A minimal environment for commands run inside the namespace (no PIP_*, no test BANKLLM_* leaks)."""
     env = {"PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": "/root", "LANG": "C.UTF-8"}
+    if os.environ.get("PYTHONPATH"):  # a checkout run with PYTHONPATH=. (a worktree): its bankllm, not the venv's
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -19,6 +19,7 @@ import pytest
 
 from tests._systemd_util import CACHE, build_dir, wheelhouse
 from appliance.errors import ChecksumError, InstallError, LockedError
+from appliance.fsutil import sha256_file
 from appliance.install import systemd as sd
 from appliance.install.bundle import make_bundle, open_bundle
 from appliance.install.installer import install, settings_for_install, summary
@@ -174,7 +175,8 @@ def test_bundle_verifies_every_byte(staged, inputs, tmp_path):
     bundle = tmp_path / "b.tar"
     manifest = make_bundle(bundle, inputs["a"], inputs["wheels"], Path(settings.install_python))
     assert any(n.startswith("wheelhouse/bankllm-") for n in manifest["files"]) and "model/model.gguf" in manifest["files"]
-    opened = open_bundle(bundle, tmp_path / "ok", python=Path(settings.install_python))
+    opened = open_bundle(bundle, tmp_path / "ok", python=Path(settings.install_python),
+                         bundle_sha256=sha256_file(bundle))
     assert (opened.build_dir / "model.gguf").is_file()
 
     # One flipped byte in the middle of the model: refused before anything is touched.
@@ -188,11 +190,12 @@ def test_bundle_verifies_every_byte(staged, inputs, tmp_path):
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x01]))
     target = system_layout(tmp_path / "untouched")
+    # (pinned by its own sha256 here, as if the flip happened before the operator took the digest)
     with pytest.raises(ChecksumError, match="model/model.gguf does not match its sha256"):
-        install(settings, target, bundle=flipped, log=lambda m: None)
+        install(settings, target, bundle=flipped, bundle_sha256=sha256_file(flipped), log=lambda m: None)
     assert not (tmp_path / "untouched").exists()
-    proc = subprocess.run([BANKLLM, "install", "--root", str(tmp_path / "untouched"), "--bundle", str(flipped)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([BANKLLM, "install", "--root", str(tmp_path / "untouched"), "--bundle", str(flipped),
+                           "--bundle-sha256", sha256_file(flipped)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "sha256" in proc.stderr, proc.stderr
     assert not (tmp_path / "untouched").exists()
 
@@ -206,35 +209,48 @@ def test_bundle_verifies_every_byte(staged, inputs, tmp_path):
                 m.size = len(data)
             dst.addfile(m, io.BytesIO(data))
     with pytest.raises(InstallError, match="bundle is for cp312"):
-        install(settings, target, bundle=other, log=lambda m: None)
+        install(settings, target, bundle=other, bundle_sha256=sha256_file(other), log=lambda m: None)
     assert not (tmp_path / "untouched").exists()
 
 
 def test_install_from_bundle_without_network(inputs, tmp_path):
-    """The air-gap path with nothing but the bundle, in a network namespace with only loopback (no index at all)."""
+    """The air-gap path with nothing but the signed bundle and the bank's public key, in a network namespace with only
+    loopback (no index at all): the printed bootstrap checks, then `install --trust`, which also makes the service
+    verify the build at every start."""
+    keys = tmp_path / "keys"
+    assert subprocess.run([BANKLLM, "sign", "keygen", "--out", str(keys)], capture_output=True).returncode == 0
     bundle = tmp_path / "b.tar"
     made = subprocess.run([BANKLLM, "bundle", "--build", str(inputs["a"]), "--wheelhouse", str(inputs["wheels"]),
-                           "--out", str(bundle)], check=True, capture_output=True, text=True, timeout=300)
-    assert "--no-index --find-links boot/wheelhouse bankllm" in made.stdout
-    # Bootstrap the installer from the bundle alone, as the bundle command tells the operator to.
-    boot = tmp_path / "boot"
-    with tarfile.open(bundle) as tar:
-        tar.extractall(boot, members=[m for m in tar.getmembers() if m.name.startswith("wheelhouse/")], filter="data")
+                           "--out", str(bundle), "--sign", str(keys / "bankllm-signing.key")],
+                          check=True, capture_output=True, text=True, timeout=300)
+    assert "--no-index --find-links boot/wheelhouse bankllm" in made.stdout and "; signed" in made.stdout
+    # Bootstrap the installer from the bundle alone, exactly as the bundle command tells the operator to.
+    shutil.copyfile(keys / "bankllm-signing.pub", tmp_path / "bankllm-signing.pub")
+    lines = [l.strip() for l in made.stdout.splitlines() if l.startswith("  ")]
+    assert lines[-1] == "sudo boot/venv/bin/bankllm install --bundle b.tar --trust bankllm-signing.pub"
     offline = {"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
-    for cmd in (["/usr/bin/python3", "-m", "venv", str(boot / "venv")],
-                [str(boot / "venv/bin/pip"), "install", "-q", "--no-index", "--find-links", str(boot / "wheelhouse"),
-                 "bankllm"]):
-        done = subprocess.run(["unshare", "-n", *cmd], capture_output=True, text=True, timeout=600, env=offline)
-        assert done.returncode == 0, done.stderr
+    script = "set -e\n" + "\n".join(l.replace("pip install", "pip install -q") for l in lines[:-1])
+    done = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=600,
+                          env=offline, cwd=tmp_path)
+    assert done.returncode == 0 and "wheelhouse matches manifest.json" in done.stdout, done.stderr
+    boot = tmp_path / "boot"
     root = tmp_path / "img"
     proc = subprocess.run(["unshare", "-n", str(boot / "venv/bin/bankllm"), "install", "--root", str(root),
-                           "--bundle", str(bundle)], capture_output=True, text=True, timeout=600, env=offline)
+                           "--bundle", str(bundle), "--trust", str(tmp_path / "bankllm-signing.pub")],
+                          capture_output=True, text=True, timeout=600, env=offline)
     assert proc.returncode == 0, proc.stderr
-    assert "bundle verified" in proc.stderr and "smollm2-a installed" in proc.stdout
+    assert "bundle verified (signed by trusted key" in proc.stderr and "smollm2-a installed" in proc.stdout
     lay = system_layout(root)
     check = subprocess.run(["unshare", "-n", str(lay.host(lay.venv) / "bin" / "python"), "-c", "import llama_cpp"],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr
+    # The service is told to verify the build: trust_key in bankllm.toml, the key beside it, the signature in the store.
+    config = tomllib.loads(lay.host(lay.config_file).read_text())
+    assert config["trust_key"] == str(lay.trust_key_file)
+    assert lay.host(lay.trust_key_file).read_bytes() == (keys / "bankllm-signing.pub").read_bytes()
+    from appliance.signing import load_public_key, verify_build
+
+    verify_build(lay.host(lay.models_dir) / "smollm2-a", load_public_key(keys / "bankllm-signing.pub"))
 
 
 def test_killed_install_completes_on_rerun(inputs, tmp_path):

@@ -40,9 +40,13 @@ def inputs():
     wh = wheelhouse(root / "wheels")
     a, b = build_dir(root / "build-a", "smollm2-a"), build_dir(root / "build-b", "smollm2-b")
     bundle = root / "bankllm-bundle.tar"
-    subprocess.run([BANKLLM, "bundle", "--build", str(a), "--wheelhouse", str(wh), "--out", str(bundle)],
-                   check=True, timeout=300, capture_output=True)
-    yield {"root": root, "wheels": wh, "a": a, "b": b, "bundle": bundle}
+    # Signed with the bank's key (issue 11): the bundle and both builds; the service verifies its build at start.
+    subprocess.run([BANKLLM, "sign", "keygen", "--out", str(root / "keys")], check=True, capture_output=True)
+    key, pub = root / "keys" / "bankllm-signing.key", root / "keys" / "bankllm-signing.pub"
+    subprocess.run([BANKLLM, "bundle", "--build", str(a), "--wheelhouse", str(wh), "--out", str(bundle),
+                    "--sign", str(key)], check=True, timeout=300, capture_output=True)
+    subprocess.run([BANKLLM, "sign", str(b), "--key", str(key)], check=True, timeout=300, capture_output=True)
+    yield {"root": root, "wheels": wh, "a": a, "b": b, "bundle": bundle, "pub": pub}
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -82,7 +86,8 @@ def test_install_bundle_under_real_systemd(inputs):
                 if "8081" in sysd.run(["ss", "-ltn"], check=False).stdout:
                     break
                 time.sleep(0.1)
-            proc = sysd.run([BANKLLM, "install", "--bundle", str(inputs["bundle"]), "--port", "8081"], timeout=300,
+            proc = sysd.run([BANKLLM, "install", "--bundle", str(inputs["bundle"]), "--trust", str(inputs["pub"]),
+                             "--port", "8081"], timeout=300,
                             check=False, env=clean_env(BANKLLM_DATA_DIR=data))
         finally:
             blocker.kill()
@@ -91,7 +96,8 @@ def test_install_bundle_under_real_systemd(inputs):
 
         # 1. Install from the bundle, inside a network namespace that has nothing but loopback (plus 10.99.0.1 on lo):
         #    listening on every address, clients allowed from 192.0.2.0/24 only (and loopback).
-        out = _install(sysd, data, "--bundle", inputs["bundle"], "--host", "0.0.0.0", "--allow", "192.0.2.0/24")
+        out = _install(sysd, data, "--bundle", inputs["bundle"], "--trust", inputs["pub"], "--host", "0.0.0.0",
+                       "--allow", "192.0.2.0/24")
         print(out)
         assert "running under systemd" in out, out
         assert "ollama create bankllm -f /var/lib/bankllm/models/current/Modelfile" in out
@@ -127,7 +133,11 @@ def test_install_bundle_under_real_systemd(inputs):
         assert _health(sysd, "127.0.0.1") == "200"
         assert _health(sysd, "10.99.0.1") == "no answer"
 
-        # 4. A rerun with the same inputs changes nothing and leaves the service running.
+        # The service was told to verify its build at every start, and could read the key under the hardening.
+        assert 'trust_key = "/etc/bankllm/trust-key.pub"' in sysd.path("/etc/bankllm/bankllm.toml").read_text()
+
+        # 4. A rerun with the same inputs changes nothing and leaves the service running (the configured trust key
+        #    verifies the bundle).
         out = _install(sysd, data, "--bundle", inputs["bundle"])
         assert "nothing changed" in out, out
 

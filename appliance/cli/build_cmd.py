@@ -17,12 +17,18 @@ from .options import PATH, config_option
 @click.option("--out", type=PATH, help="Build directory (default: <data dir>/builds/<build id>).")
 @click.option("--force", is_flag=True, help="Ship an explicit --quant even if it fails the gate (recorded in the report).")
 @click.option("--chat-template", help="For a base without one: chatml, llama3, gemma (also phi3, mistral) or a Jinja FILE.")
+@click.option("--sign", "sign_key", type=PATH, help="Sign the build directory with this ed25519 private key "
+                                                    "(`bankllm sign keygen`).")
 @config_option
-def build(config, **options):
+def build(config, sign_key, **options):
     """Merge an adapter into the 16-bit base, convert, quantize behind the quality gate, write a Modelfile."""
     from ..pipeline.build import run_build
+    from ..signing import load_private_key, sign_build
 
+    private = load_private_key(sign_key) if sign_key is not None else None  # a bad key fails before the build
     result = run_build(Settings.load(config=config), **options)
+    if private is not None:
+        click.echo(f"signed: {sign_build(result.out_dir, private)}", err=True)
     chosen = result.report["chosen"]
     click.echo(f"build {result.build_id}: {chosen['model']} {result.report['verdict']} "
                f"(ppl {chosen['ppl_increase']:+.2%} vs f16, KLD {chosen['mean_kld']:.4f}, "

@@ -48,13 +48,18 @@ def _prepare(settings, train: dict, **sources):
 @layout_options
 @build_options
 @click.option("--bundle", type=PATH, help="Install from a bundle made by `bankllm bundle` (offline, verified).")
+@click.option("--trust", type=PATH, help="The bank's public key (bankllm-signing.pub): the bundle's and the build's "
+                                          "signatures must verify with it; the service then checks the build at "
+                                          "every start.")
+@click.option("--bundle-sha256", help="sha256 of the whole bundle file (what `bankllm bundle` printed): required for "
+                                      "an unsigned bundle, checked before anything is unpacked.")
 @click.option("--host", help="Address the service binds to (default 127.0.0.1).")
 @click.option("--port", type=int, help="TCP port of the service (default 8080).")
 @click.option("--allow", "allow", multiple=True, help="Client network allowed to connect (CIDR; repeatable).")
 @click.option("--no-start", is_flag=True, help="Lay everything out but do not start the service.")
 @click.option("--foreground", is_flag=True, help="Where systemd is not running, then serve in the foreground.")
-def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, bundle, host, port, allow,
-            no_start, foreground, **train):
+def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, bundle, trust,
+            bundle_sha256, host, port, allow, no_start, foreground, **train):
     """Install the appliance: code, model, config, API key and hardened unit; start it and wait for /ready."""
     from ..errors import InstallError
     from ..install.installer import foreground_argv, install as do_install, settings_for_install, summary
@@ -65,6 +70,8 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
     if bundle is not None and any((build_dir, wheelhouse, base, adapter, train["data"])):
         raise InstallError("--bundle carries its own model and wheels",
                            "drop --build, --wheelhouse, --base, --adapter and --train")
+    if bundle_sha256 is not None and bundle is None:
+        raise InstallError("--bundle-sha256 pins a bundle file", "add --bundle FILE, or drop --bundle-sha256")
     check_sources(build_dir, adapter, adapter_sha256, train)
     layout = choose_layout(user=user, root=root)
     settings = settings_for_install(layout, config, host=host, port=port,
@@ -73,7 +80,7 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
         wheelhouse, build_dir = _prepare(settings, train, build_dir=build_dir, wheelhouse=wheelhouse, base=base,
                                          adapter=adapter, adapter_sha256=adapter_sha256, quant=quant)
     result = do_install(settings, layout, build_dir=build_dir, bundle=bundle, wheelhouse=wheelhouse,
-                        start=not no_start, log=_log)
+                        start=not no_start, log=_log, trust=trust, bundle_sha256=bundle_sha256)
     for line in summary(result, settings):
         click.echo(line)
     if foreground and layout.is_live and not no_start and not result.systemd:
@@ -91,22 +98,29 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
 @click.command()
 @build_options
 @click.option("--out", required=True, type=PATH, help="The bundle file to write (a .tar).")
-def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, out, **train):
+@click.option("--sign", "sign_key", type=PATH, help="The bank's ed25519 private key (`bankllm sign keygen`): signs the "
+                                                    "build directory and the bundle's manifest.")
+def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, out, sign_key, **train):
     """Make the air-gap bundle: wheelhouse for this Python and platform, the built model, a sha256 manifest."""
     from ..fsutil import sha256_file
-    from ..install.bundle import make_bundle
+    from ..install.bundle import bootstrap_lines, make_bundle
 
     train = pop_prefixed(train, _TRAIN)
     settings = Settings.load(config=config)
+    if sign_key is not None:
+        from ..signing import load_private_key
+
+        load_private_key(sign_key)  # a wrong key is refused before the wheelhouse and the build are made
     wheelhouse, build_dir = _prepare(settings, train, build_dir=build_dir, wheelhouse=wheelhouse, base=base,
                                      adapter=adapter, adapter_sha256=adapter_sha256, quant=quant)
-    manifest = make_bundle(out, build_dir, wheelhouse, Path(settings.install_python))
+    manifest = make_bundle(out, build_dir, wheelhouse, Path(settings.install_python), sign_key=sign_key)
+    digest = sha256_file(out)
     click.echo(f"bundle {out}: {len(manifest['files'])} files for {manifest['python_tag']} {manifest['machine']}, "
-               f"build {manifest['build_id']}; sha256 {sha256_file(out)}")
-    click.echo("on the air-gapped server (no bankllm there yet: the bundle's wheelhouse bootstraps the installer):")
-    click.echo(f"  mkdir -p boot && tar -xf {out.name} -C boot wheelhouse && python3 -m venv boot/venv && "
-               f"boot/venv/bin/pip install --no-index --find-links boot/wheelhouse bankllm")
-    click.echo(f"  sudo boot/venv/bin/bankllm install --bundle {out.name}")
+               f"build {manifest['build_id']}; sha256 {digest}" + ("; signed" if sign_key else ""))
+    click.echo("on the air-gapped server (no bankllm there yet: the bundle's wheelhouse bootstraps the installer, "
+               "checked first):")
+    for line in bootstrap_lines(out.name, digest, signed=sign_key is not None):
+        click.echo(f"  {line}")
 
 
 def _readonly_layout(user, root):

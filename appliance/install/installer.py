@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import signing
 from ..errors import InstallError
 from ..fsutil import require_free_disk
 from ..settings import Settings
@@ -48,9 +49,17 @@ def _remove_dead_scratch(parent: Path) -> None:
 
 
 def install(settings: Settings, layout: Layout, *, build_dir: Path | None = None, bundle: Path | None = None,
-            wheelhouse: Path | None = None, start: bool = True, log=print) -> InstallResult:
-    """Install (or update) the appliance into `layout` and start it where systemd runs."""
+            wheelhouse: Path | None = None, start: bool = True, log=print, trust: Path | None = None,
+            bundle_sha256: str | None = None) -> InstallResult:
+    """Install (or update) the appliance into `layout` and start it where systemd runs.
+
+    `trust` (the bank's public key; else the trust_key already configured) must verify the bundle's and the build's
+    signatures before anything is written; an unsigned bundle needs `bundle_sha256` instead."""
     python = Path(settings.install_python)
+    trust_key = Path(trust) if trust is not None else settings.trust_key
+    if trust is None and trust_key is not None and layout.host(trust_key).is_file():
+        trust_key = layout.host(trust_key)  # the configured key as a staged (--root) tree holds it
+    public_key = signing.load_public_key(trust_key) if trust_key is not None else None  # a bad key: refused first
     if layout.mode != USER and str(python.resolve()).startswith(("/root/", "/home/")):
         raise InstallError(f"install_python {python} lives under /root or /home, which the hardened unit hides "
                            "(the service would fail with 203/EXEC)",
@@ -64,8 +73,10 @@ def install(settings: Settings, layout: Layout, *, build_dir: Path | None = None
             if Path(bundle).is_file():
                 require_free_disk(scratch, Path(bundle).stat().st_size + (64 << 20), "unpacking the bundle")
             # Every hash is checked before anything on the system is touched.
-            opened = open_bundle(bundle, scratch / "bundle", python=python, limits=bundle_limits(settings))
-            log(f"bundle verified: {len(opened.manifest['files'])} files match their sha256")
+            opened = open_bundle(bundle, scratch / "bundle", python=python, trust=trust_key,
+                                 bundle_sha256=bundle_sha256, limits=bundle_limits(settings))
+            how = f"signed by trusted key {signing.key_id(public_key)}" if public_key else "its sha256 as given"
+            log(f"bundle verified ({how}): {len(opened.manifest['files'])} files match their sha256")
             build_dir, wheelhouse = opened.build_dir, opened.wheelhouse
         if wheelhouse is None:
             raise InstallError("no wheelhouse to install the service's environment from",
@@ -76,22 +87,29 @@ def install(settings: Settings, layout: Layout, *, build_dir: Path | None = None
                                "stop that process or install with --port N")
         if build_dir is None:
             build_dir = ensure_build(settings, log=log)
+        if public_key is not None:
+            # The service will verify this at every start; refuse now, before anything is written.
+            signing.verify_build(Path(build_dir), public_key)
+            log(f"build signature verified: {build_dir}")
         build_id = store.build_id_of(build_dir)
         with install_lock(layout.host(layout.lock_file)):
-            return _install_locked(settings, layout, Path(build_dir), build_id, Path(wheelhouse), python, start, log)
+            return _install_locked(settings, layout, Path(build_dir), build_id, Path(wheelhouse), python, start, log,
+                                   trust=Path(trust) if trust is not None else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _install_locked(settings: Settings, layout: Layout, build_dir: Path, build_id: str, wheelhouse: Path,
-                    python: Path, start: bool, log) -> InstallResult:
+                    python: Path, start: bool, log, trust: Path | None = None) -> InstallResult:
     changed: list[str] = []
     steps.make_dirs(layout)
     log(f"code: virtual environment from {python} (wheelhouse {wheelhouse}, no index)")
     venv = steps.install_code(layout, wheelhouse, python, changed)
     log(f"model: build {build_id} -> {layout.models_dir}/{build_id}")
     previous = store.install_build(layout, build_dir, build_id, changed)
-    steps.write_config(settings, layout, changed)
+    if trust is not None:
+        steps.install_trust_key(layout, trust, changed)
+    steps.write_config(settings, layout, changed, trust_key=layout.trust_key_file if trust is not None else None)
     first_key = steps.ensure_first_key(layout, changed)
     unit_changed = steps.write_unit(settings, layout, changed)
     steps.write_record(settings, layout, build_id, previous, venv)

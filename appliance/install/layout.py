@@ -64,6 +64,11 @@ class Layout:
         return self.credentials_dir / "first-api-key"
 
     @property
+    def trust_key_file(self) -> Path:
+        """The bank's public signing key (`install --trust`): public, so world-readable for the service to read."""
+        return self.config_dir / "trust-key.pub"
+
+    @property
     def unit_path(self) -> Path:
         return self.unit_dir / UNIT_NAME
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ConfigError, InstallError
-from ..fsutil import write_json_atomic, write_text_atomic
+from ..fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..service import keys
 from ..settings import Settings, read_toml, render_toml
 from . import store
@@ -62,8 +62,19 @@ def render_config(values: dict) -> str:
     return render_toml(values, CONFIG_HEADER)
 
 
-def write_config(settings: Settings, layout: Layout, changed: list[str]) -> None:
-    """bankllm.toml: the installer's keys from the settings, every other key as the operator left it."""
+def install_trust_key(layout: Layout, key: Path, changed: list[str]) -> None:
+    """Copy the bank's public key (`install --trust`) to the config directory, where the service reads it."""
+    path, data = layout.host(layout.trust_key_file), Path(key).read_bytes()
+    if path.is_file() and path.read_bytes() == data:
+        os.chmod(path, 0o644)
+        return
+    write_bytes_atomic(path, data, mode=0o644)  # a public key: the service (a dynamic user) must read it
+    changed.append("trust key")
+
+
+def write_config(settings: Settings, layout: Layout, changed: list[str], trust_key: Path | None = None) -> None:
+    """bankllm.toml: the installer's keys from the settings, every other key as the operator left it (trust_key is
+    set when the install was given --trust)."""
     path = layout.host(layout.config_file)
     try:
         existing = read_toml(path, missing_ok=True)
@@ -72,6 +83,8 @@ def write_config(settings: Settings, layout: Layout, changed: list[str]) -> None
     kept = {k: v for k, v in existing.items() if k not in OWNED}
     values = {"host": settings.host, "port": settings.port, "model": str(layout.current),
               "model_name": settings.model_name, "allowed_networks": list(settings.allowed_networks), **kept}
+    if trust_key is not None:
+        values["trust_key"] = str(trust_key)
     write_if_changed(path, render_config(values), 0o644, changed, "config")
 
 

@@ -46,14 +46,28 @@ def has_build(layout: Layout, build_id: str | None) -> bool:
     return bool(build_id) and layout.host(layout.models_dir / build_id / MODEL_FILE).is_file()
 
 
+def _shipped(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _same_files(dest: Path, build_dir: Path) -> bool:
+    """Whether the stored copy holds exactly the build's files (the model, and its signature, Modelfile, answers...:
+    a build re-signed or with a new answer library is copied again)."""
+    if not (dest / MODEL_FILE).is_file():
+        return False
+    names = _shipped(build_dir)
+    return _shipped(dest) == names and all((dest / n).stat().st_size == (build_dir / n).stat().st_size
+                                           and sha256_file(dest / n) == sha256_file(build_dir / n) for n in names)
+
+
 def store_build(layout: Layout, build_dir: Path, build_id: str) -> bool:
-    """Copy the build under models/<id>/ unless the same model is there; True when it copied."""
+    """Copy the build under models/<id>/ unless the same files are there; True when it copied."""
     models = layout.host(layout.models_dir)
     models.mkdir(parents=True, exist_ok=True)
     os.chmod(models, 0o755)
     remove_stale_temps(models)
     dest, build_dir = models / build_id, Path(build_dir)
-    if (dest / MODEL_FILE).is_file() and sha256_file(dest / MODEL_FILE) == sha256_file(build_dir / MODEL_FILE):
+    if _same_files(dest, build_dir):
         return False
     size = sum(p.stat().st_size for p in build_dir.iterdir() if p.is_file())
     require_free_disk(models, int(size * 1.1) + (64 << 20), f"model {build_id}")

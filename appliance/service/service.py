@@ -93,7 +93,13 @@ class Service:
 
     def __init__(self, settings: Settings, engine_factory: Callable | None = None):
         self.settings = settings
-        self.files = resolve_model(settings.model)
+        model = settings.model
+        if settings.trust_key is not None:
+            # A signed build is verified before any of its files is read (issue 11); served from the checked path.
+            from ..signing import verify_served_model
+
+            model = verify_served_model(settings.model, settings.trust_key)
+        self.files = resolve_model(model)
         self.keys = KeyStore(settings.resolved_keys_file())
         if settings.require_keys and self.keys.count == 0:
             raise ConfigError(f"no API keys in {self.keys.path}",
