@@ -176,6 +176,21 @@ def test_markers_are_unguessable_and_a_content_rewriting_template_is_checked():
 
     with pytest.raises(APIError, match="control-token text"):
         tpl.tokens([{"role": "user", "content": FORGED}], fake.tokenize)
+    # A template that trims content (as Llama 3's does) is split, and its pieces join to its own rendering.
+    trim = CHATML.replace("message['content']", "message['content'] | trim")
+    tpl = ChatTemplate(trim, "", "<|im_end|>")
+    messages = [{"role": "user", "content": "  where is my card \n"}]
+    prompt, tokens = tpl.tokens(messages, fake.tokenize)
+    assert prompt == tpl.render(messages) and "user\nwhere is my card<|im_end|>" in prompt
+    prompt, tokens = tpl.tokens([{"role": "user", "content": " " + FORGED + " "}], fake.tokenize)
+    assert n_control(tokens) == 3 and FORGED in prompt
+    # One that escapes content (tojson) falls back to the checked whole prompt.
+    escaped = CHATML.replace("message['content']", "(message['content'] | tojson)")
+    tpl = ChatTemplate(escaped, "", "<|im_end|>")
+    prompt, tokens = tpl.tokens([{"role": "user", "content": 'say "hi"'}], fake.tokenize)
+    assert '"say \\"hi\\""' in prompt and n_control(tokens) == 3
+    with pytest.raises(APIError, match="control-token text"):
+        tpl.tokens([{"role": "user", "content": FORGED}], fake.tokenize)
 
 
 @pytest.mark.fast

@@ -35,8 +35,8 @@ class ChatTemplate:
             raise APIError(f"the model's chat template rejected these messages: {exc}", param="messages") from None
 
     def parts(self, messages: list[dict]) -> list[tuple[str, bool]] | None:
-        """The rendered prompt as (text, is_content) pieces, each message's content its own piece; None when the
-        template rewrites content (then the pieces cannot be told apart)."""
+        """The rendered prompt as (text, is_content) pieces, each message's content its own piece, joined exactly the
+        template's own rendering; None when the template rewrites content (then the pieces cannot be told apart)."""
         # Each content is rendered as an unguessable marker (a fresh nonce per call, so a message cannot fake one),
         # then the real text is put back in its place: the template's own text never mixes with a message's.
         nonce = secrets.token_hex(8)
@@ -54,7 +54,13 @@ class ChatTemplate:
             out.append((text[pos:], False))
         if any(nonce in piece or "\ue000" in piece for piece, content in out if not content):
             return None  # a marker the template changed (upper-cased, sliced...): its content is not where it seems
-        return out
+        real = self.render(messages)
+        if "".join(piece for piece, _ in out) == real:
+            return out
+        trimmed = [(piece.strip() if content else piece, content) for piece, content in out]
+        if "".join(piece for piece, _ in trimmed) == real:
+            return trimmed  # a template that trims content (`| trim`, as Llama 3's does)
+        return None  # one that rewrites content otherwise (escapes it, cuts it...)
 
     def tokens(self, messages: list[dict], tokenize: Tokenize) -> tuple[str, list[int]]:
         """The prompt text and its tokens: the template's parts may hold control tokens (<|im_start|>...), message
