@@ -16,6 +16,7 @@ from litestar.di import Provide
 
 from ..settings import Settings
 from .auth import SecurityMiddleware
+from .bodies import check_body
 from .errors import APIError, error_body
 from .records import RequestRecord
 from .routes import banking, openai, ops
@@ -107,6 +108,7 @@ def create_app(settings: Settings, engine_factory: Callable | None = None) -> Li
                             HTTPException: _http_error, UnicodeDecodeError: _bad_utf8,
                             Exception: _internal_error},
         request_max_body_size=settings.max_body_bytes,
+        before_request=check_body,  # JSON nested too deeply: a 400 before any route decodes it (bodies.py)
         openapi_config=OpenAPIConfig(title="bankllm", version="1", path="/schema"),
         debug=False,
         logging_config=None,

@@ -18,15 +18,14 @@ class Labeler:
         self.labels = list(labels)
         self.system_prompt = system_prompt
         self.temperature = temperature
-        sequences = [engine.tokenize(x, special=False) for x in self.labels]
+        sequences = [engine.tokenize(x, special=False, bos=False) for x in self.labels]
         self.choices = Choices(sequences, temperature=temperature)
         self.rank_choices = Choices(sequences, temperature=temperature, alternatives=RANK_ALTERNATIVES)
         self.max_tokens = max(len(x) for x in sequences) + 1
 
     def tokens(self, text: str) -> list[int]:
         """The classify prompt for `text`, checked to fit one sequence's context."""
-        prompt = self.template.render(classify_messages(text, self.system_prompt))
-        tokens = self.engine.tokenize(prompt, special=True)
+        _, tokens = self.template.tokens(classify_messages(text, self.system_prompt), self.engine.tokenize)
         self.engine.check_fits(len(tokens), self.max_tokens, "text")
         return tokens
 

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .errors import APIError
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -14,9 +16,15 @@ MaxTokens = Annotated[int, Meta(ge=1)]
 Stop = str | Annotated[list[str], Meta(max_length=4)] | None
 
 
+# Part types that carry plain text: Chat Completions' "text", and the Responses API's names some clients reuse.
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
 class ContentPart(Struct, kw_only=True):
-    type: Literal["text"]
-    text: str
+    """One part of a list-valued `content`; any type parses, so that a non-text part gets a clear 400 (Message.text)."""
+
+    type: str
+    text: str | None = None
 
 
 class Message(Struct, kw_only=True):
@@ -24,12 +32,19 @@ class Message(Struct, kw_only=True):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, index: int = 0) -> str:
+        """The message's text; a list of text parts is joined by newlines (as vLLM does), other parts are refused."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        for j, part in enumerate(self.content):
+            if part.type not in TEXT_PARTS or part.text is None:
+                what = f"is an {part.type!r} part" if part.type not in TEXT_PARTS else "is a text part without `text`"
+                raise APIError(f"messages[{index}].content[{j}] {what}; this model reads text only: send a string "
+                               'or {"type": "text", "text": "..."} parts',
+                               param=f"messages[{index}].content")
+        return "\n".join(part.text for part in self.content)
 
 
 class JsonSchemaSpec(Struct, kw_only=True):
@@ -51,7 +66,7 @@ class StreamOptions(Struct, kw_only=True):
 class _GenerationFields(Struct, kw_only=True):
     """The sampling and streaming fields both OpenAI endpoints accept."""
 
-    model: str
+    model: str | None = None  # absent: the one model served (as llama-server, vLLM and llama-cpp-python do)
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: Annotated[int, Meta(ge=1, le=1)] = 1
@@ -91,4 +106,4 @@ def stops(value) -> tuple[str, ...]:
     return tuple(s for s in items if s)
 
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("msgspec", "Struct", "Meta")]
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("msgspec", "Struct", "Meta", "APIError")]

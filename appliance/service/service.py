@@ -148,8 +148,9 @@ class Service:
 
     # -- requests ------------------------------------------------------------------------------------------------
 
-    def check_model(self, model: str) -> None:
-        if model != self.settings.model_name:
+    def check_model(self, model: str | None) -> None:
+        """A request names the served model or none (then it is served by the one model here)."""
+        if model is not None and model != self.settings.model_name:
             raise NotFoundError(f"the model {model!r} does not exist here; use {self.settings.model_name!r} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
 
@@ -161,8 +162,8 @@ class Service:
         return max_tokens
 
     def render(self, messages: list[dict]) -> tuple[str, list[int]]:
-        prompt = self.template.render(messages)
-        return prompt, self.engine.tokenize(prompt, special=True)
+        """The chat prompt and its tokens; message text is never read as control tokens (prompting.ChatTemplate)."""
+        return self.template.tokens(messages, self.engine.tokenize)
 
     def generate(self, params, owner: str, *, messages: list[dict] | None = None, prompt: str | None = None,
                  tokens: list[int] | None = None, param: str = "messages") -> Generation:

@@ -1,6 +1,6 @@
 """FakeEngine: the EngineClient surface with no model, for fast route tests (as simonw/llm's MockModel).
 
-Tokens are UTF-8 bytes (0-255, and EOS = 257), so a multi-byte character spans tokens as it does in a real
+Tokens are UTF-8 bytes (0-255, EOS = 257, ChatML's control tokens 258-260 when tokenized with special=True), so a multi-byte character spans tokens as it does in a real
 vocabulary. Answers are scripted (`reply`) or echo the last user message; a choices request answers with the
 label and probability `choose` gives. Generation runs on the event loop, one token per loop turn (or per
 `step_s`), through the real TextStream: stop strings, max_tokens, cancellation and the wait queue behave as the
@@ -10,6 +10,7 @@ engine's do.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Callable
 
 from ..errors import BusyError, PromptTooLongError
@@ -18,6 +19,10 @@ from .handle import Handle
 from .text import TextStream
 
 EOS = 257
+# Control tokens as a ChatML vocabulary has them: their text is one token only when tokenized with special=True.
+CONTROL = {"<|im_start|>": 258, "<|im_end|>": 259, "<|endoftext|>": 260}
+CONTROL_TEXT = {v: k for k, v in CONTROL.items()}
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(k) for k in CONTROL) + ")")
 
 Reply = Callable[[str], str]
 # (prompt text, allowed answers) -> (answer, probability), or a list of them: the greedy answer first, then
@@ -91,11 +96,21 @@ class FakeEngine:
     def chat_template(self) -> str | None:
         return self.template
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        return list(text.encode("utf-8"))
+    def tokenize(self, text: str, *, special: bool, bos: bool = True) -> list[int]:
+        """UTF-8 bytes; with `special`, ChatML's control-token text becomes one control id each (as in a real
+        vocabulary), so a test can tell a template's <|im_start|> from a message's."""
+        if not special:
+            return list(text.encode("utf-8"))
+        tokens: list[int] = []
+        for piece in _SPECIAL_SPLIT.split(text):
+            tokens += [CONTROL[piece]] if piece in CONTROL else list(piece.encode("utf-8"))
+        return tokens
 
     def detokenize(self, tokens: list[int]) -> str:
-        return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")
+        out = bytearray()
+        for t in tokens:
+            out += bytes([t]) if t < 256 else CONTROL_TEXT.get(t, "").encode()
+        return out.decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ state for metrics
     @property

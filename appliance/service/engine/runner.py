@@ -158,9 +158,10 @@ class Engine:
     def eos_token(self) -> str:
         return self.vocabulary.eos_token
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Text to tokens; `special` parses control-token text (used for rendered chat templates)."""
-        return self.vocabulary.tokenize(text, special=special)
+    def tokenize(self, text: str, *, special: bool, bos: bool = True) -> list[int]:
+        """Text to tokens; `special` parses control-token text (only for a chat template's own parts, never for a
+        message); `bos` False leaves out the BOS a model adds (for a piece that is not the prompt's start)."""
+        return self.vocabulary.tokenize(text, special=special, bos=bos)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         return self.vocabulary.piece(token, special)

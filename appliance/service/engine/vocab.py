@@ -42,17 +42,19 @@ class Vocab:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Text to tokens; `special` parses control-token text (used for rendered chat templates)."""
+    def tokenize(self, text: str, *, special: bool, bos: bool = True) -> list[int]:
+        """Text to tokens; `special` parses control-token text (only for a chat template's own parts, never for a
+        message); `bos` False leaves out the BOS a model adds (for a piece that is not the prompt's start)."""
         data = text.encode("utf-8")
+        add_bos = self.add_bos and bos
         n_max = len(data) + 8
         arr = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), arr, n_max, self.add_bos, special)
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, special)
         if n < 0:
             arr = (llama_cpp.llama_token * -n)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), arr, -n, self.add_bos, special)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), arr, -n, add_bos, special)
         tokens = list(arr[:n])
-        if self.add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == llama_cpp.llama_vocab_bos(self.vocab):
+        if add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == llama_cpp.llama_vocab_bos(self.vocab):
             tokens = tokens[1:]  # the template already wrote a BOS
         return tokens
 

@@ -88,7 +88,8 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
                            record: NamedDependency[RequestRecord]) -> Response | Stream:
     svc.check_model(data.model)
     max_tokens = svc.cap_max_tokens(data.max_completion_tokens or data.max_tokens)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in data.messages]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                for i, m in enumerate(data.messages)]
     prompt, tokens = svc.render(messages)
     svc.engine.check_fits(len(tokens), max_tokens)  # a prompt that cannot fit is reported before a grammar problem
     grammar = grammar_for_response_format(data.response_format)
