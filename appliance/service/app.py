@@ -10,6 +10,7 @@ from litestar import Litestar, Request
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.response import Response
 
 from litestar.di import Provide
@@ -107,7 +108,10 @@ def create_app(settings: Settings, engine_factory: Callable | None = None) -> Li
                             HTTPException: _http_error, UnicodeDecodeError: _bad_utf8,
                             Exception: _internal_error},
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="bankllm", version="1", path="/schema"),
+        # Only the JSON schema: litestar's UI pages (swagger, redoc, ...) load scripts from public CDNs, which an
+        # air-gapped bank page must not call.
+        openapi_config=OpenAPIConfig(title="bankllm", version="1", path="/schema",
+                                     render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])]),
         debug=False,
         logging_config=None,
     )
