@@ -273,20 +273,22 @@ def _openai(url, key, context) -> openai.OpenAI:
 
 def test_openai_client_over_mtls_with_the_bank_s_client_certificate(pki, mtls):
     url, key, _ = mtls
-    client = _openai(url, key, _context(pki, pki.client_cert, pki.client_key))
-    reply = client.chat.completions.create(model="bankllm", max_tokens=4,
-                                           messages=[{"role": "user", "content": "Hello"}])
-    assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
-    assert [m.id for m in client.models.list().data] == ["bankllm"]
+    # Clients are closed: an open keep-alive connection holds uvicorn's graceful shutdown for its full 10 s.
+    with _openai(url, key, _context(pki, pki.client_cert, pki.client_key)) as client:
+        reply = client.chat.completions.create(model="bankllm", max_tokens=4,
+                                               messages=[{"role": "user", "content": "Hello"}])
+        assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
+        assert [m.id for m in client.models.list().data] == ["bankllm"]
     with pytest.raises(openai.AuthenticationError):  # TLS does not replace the API key
-        _openai(url, "bk_wrong", _context(pki, pki.client_cert, pki.client_key)).models.list()
+        with _openai(url, "bk_wrong", _context(pki, pki.client_cert, pki.client_key)) as client:
+            client.models.list()
 
 
 def test_mtls_refuses_no_certificate_and_a_stranger_s_certificate(pki, mtls):
     url, key, _ = mtls
     for context in (_context(pki), _context(pki, pki.stranger_cert, pki.stranger_key)):
-        with pytest.raises(openai.APIConnectionError):
-            _openai(url, key, context).models.list()
+        with pytest.raises(openai.APIConnectionError), _openai(url, key, context) as client:
+            client.models.list()
         with pytest.raises(httpx.TransportError):
             with httpx.Client(verify=context, timeout=10) as c:
                 c.get(url + "/health")  # not even the open route
@@ -303,8 +305,8 @@ def test_a_client_that_does_not_trust_the_bank_ca_refuses_the_server(pki, mtls):
     url, key, _ = mtls
     stranger_trust = ssl.create_default_context(cafile=str(pki.other_ca.path))
     stranger_trust.load_cert_chain(str(pki.client_cert), str(pki.client_key))
-    with pytest.raises(openai.APIConnectionError):
-        _openai(url, key, stranger_trust).models.list()
+    with pytest.raises(openai.APIConnectionError), _openai(url, key, stranger_trust) as client:
+        client.models.list()
 
 
 def test_installer_probes_see_the_mtls_service_by_its_pinned_certificate(pki, mtls, tmp_path):

@@ -112,7 +112,7 @@ def serve_as(user_name: str, settings: Settings, flags: list[str],
     creds = RUNTIME_DIR / "credentials"
     argv = drop_command(user, [sys.executable, "-m", "appliance", "serve", "--keys-file", str(creds / KEYS_CREDENTIAL),
                                *flags])
-    stage_credentials(files, user.pw_uid, user.pw_gid)
+    stage_credentials(files, user.pw_uid, user.pw_gid, RUNTIME_DIR)
     _owned_dir(LOGS_DIR, user.pw_uid, user.pw_gid)
     child_env = {k: v for k, v in (os.environ if env is None else env).items()
                  if k not in ("BANKLLM_KEYS_FILE", "INVOCATION_ID", "CREDENTIALS_DIRECTORY")}
