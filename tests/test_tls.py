@@ -318,6 +318,10 @@ def test_installer_probes_see_the_mtls_service_by_its_pinned_certificate(pki, mt
     other_cert, _ = pki.ca.issue(tmp_path, "impostor", server=True, ips=["127.0.0.1"])
     impostor = Pin(tls.leaf_der(other_cert), True)
     assert not handshake(url, impostor) and not wait_ready(url, key, 2, pin=impostor)
+    from appliance.install.lifecycle import status
+
+    info = status(s, system_layout(tmp_path / "img"))
+    assert info["endpoint"] == url and info["health"] == info["ready"] == "TLS handshake ok (client certificate required)"
     closed = f"https://127.0.0.1:{free_port()}"
     assert not handshake(closed, pin) and probe(closed, key, pin=pin) == (0, "")
 
