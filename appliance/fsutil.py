@@ -51,14 +51,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: Path):
-    """Yield a temp path next to `dest`; on success fsync it and rename it over `dest`, else remove it."""
+def atomic_path(dest: Path, mode: int | None = None):
+    """Yield a temp path next to `dest`; on success fsync it and rename it over `dest`, else remove it.
+
+    The temp file has its final mode (`mode`, else 0666 minus the umask) before its first byte is written, so a
+    secret written with mode=0o600 is never readable by others, not even while it is being written.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file with O_EXCL and at most 0600; fchmod (which the umask does not touch) then sets the
+    # final mode on the still-empty file.
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode)
+    finally:
+        os.close(fd)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -71,10 +79,8 @@ def atomic_path(dest: Path):
 
 
 def write_bytes_atomic(dest: Path, data: bytes, mode: int | None = None) -> None:
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, mode) as tmp:
         tmp.write_bytes(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
 
 
 def write_text_atomic(dest: Path, text: str, mode: int | None = None) -> None:

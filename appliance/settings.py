@@ -6,6 +6,8 @@ Nothing else in bankllm reads os.environ; everything reads a Settings.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import ipaddress
 import json
 import os
 import tomllib
@@ -133,6 +135,22 @@ class Settings:
     install_ready_timeout_s: float = field(default=180.0, metadata=_doc(
         "How long `bankllm install` waits for the started service's /ready before rolling back."))
 
+    # --- TLS and safe serving (issue 11: TLS/mTLS, unsafe settings) ---------------------------
+    tls_cert: Path | None = field(default=None, metadata=_doc(
+        "PEM certificate to serve HTTPS with (the server's certificate first, then its intermediates); unset = plain "
+        "HTTP. `bankllm install` hands the service a 0600 copy as a systemd credential."))
+    tls_key: Path | None = field(default=None, metadata=_doc(
+        "Unencrypted PEM private key of tls_cert (required with it); `bankllm install` copies it 0600 into the "
+        "credentials directory."))
+    tls_client_ca: Path | None = field(default=None, metadata=_doc(
+        "PEM CA certificate(s) of the bank's client certificates: a client certificate that is sent must chain to "
+        "one of them."))
+    require_client_cert: bool = field(default=False, metadata=_doc(
+        "Mutual TLS: refuse every connection without a client certificate signed by tls_client_ca."))
+    unsafe_serve_as_root: bool = field(default=False, metadata=_doc(
+        "Let `bankllm serve` run as root outside systemd (only for a container or test whose root is already "
+        "confined); otherwise serve as the service user (`bankllm serve --as-user bankllm`) or under the unit."))
+
     @classmethod
     def load(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None, **overrides) -> "Settings":
         """Build settings from defaults, a TOML file, BANKLLM_* variables, then explicit overrides (None = unset)."""
@@ -150,6 +168,7 @@ class Settings:
         names = [f.name for f in dataclasses.fields(cls)]
         if config is not None:
             from_file = read_toml(Path(config))
+            check_keys(from_file, f"configuration file {config}")
             values.update(from_file)
             sources.update({k: f"config file {config}" for k in from_file})
         for name in names:
@@ -158,16 +177,16 @@ class Settings:
                 values[name], sources[name] = raw, f"environment {ENV_PREFIX}{name.upper()}"
         for key, value in overrides.items():
             if key not in names:
-                raise ConfigError(f"unknown setting {key!r}", "see `bankllm settings` for the list")
+                check_keys({key: value}, "flags")
             if value is not None:
                 values[key], sources[key] = value, "flag"
         hints = typing.get_type_hints(cls)
         kwargs = {name: _coerce(name, hints[name], value) for name, value in values.items()}
         settings = cls(**kwargs)
-        settings.validate()
+        settings.validate(env)
         return settings, {name: sources.get(name, "default") for name in names}
 
-    def validate(self) -> None:
+    def validate(self, env: typing.Mapping[str, str] | None = None) -> None:
         if not (0 < self.gate_ship_below <= self.gate_warn_below <= self.gate_escalate_below):
             raise ConfigError("gate thresholds must satisfy 0 < ship <= warn <= escalate",
                               "set gate_ship_below, gate_warn_below, gate_escalate_below in increasing order")
@@ -188,6 +207,47 @@ class Settings:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive", f"set {name} above 0")
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range", "use a port between 1 and 65535")
+        self._validate_serving(env)
+
+    def _validate_serving(self, env: typing.Mapping[str, str] | None) -> None:
+        """Refuse unsafe binds (issue 11) and TLS files that are missing, unreadable, unparsable or do not match."""
+        if not self.host.strip() or self.host != self.host.strip():
+            raise ConfigError(f"host = {self.host!r} is empty or padded (an empty host binds every interface)",
+                              'set host = "127.0.0.1" (this machine only), or host = "0.0.0.0" to listen on every '
+                              "interface on purpose")
+        if not self.require_keys and not is_loopback(self.host):
+            raise ConfigError(f"require_keys = false on host = {self.host!r}: anyone who reaches that address could "
+                              "use the API without a key",
+                              'set require_keys = true (keys: `bankllm keys create`) or bind host = "127.0.0.1"')
+        tls_options = {"tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca,
+                       "require_client_cert": self.require_client_cert or None}
+        if self.tls_cert is None:
+            given = [name for name, value in tls_options.items() if value is not None]
+            if given:
+                raise ConfigError(f"{given[0]} is set but tls_cert is not", "set tls_cert (and tls_key) to serve "
+                                  f"HTTPS, or remove {given[0]}")
+            return
+        if self.tls_key is None:
+            raise ConfigError("tls_cert is set but tls_key is not", "set tls_key to the certificate's private key")
+        if self.require_client_cert and self.tls_client_ca is None:
+            raise ConfigError("require_client_cert = true needs tls_client_ca",
+                              "set tls_client_ca to the PEM CA that signs the bank's client certificates")
+        from .service.tls import check_files
+
+        check_files(self.resolved_tls_files(env))
+
+    def resolved_tls_files(self, env: typing.Mapping[str, str] | None = None) -> dict[str, Path]:
+        """The TLS files as this process reads them: the systemd credential copy (tls-cert, ...) where there is one."""
+        env = os.environ if env is None else env
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        files = {}
+        for name in TLS_CREDENTIALS:
+            path = getattr(self, name)
+            if path is None:
+                continue
+            copy = Path(creds) / TLS_CREDENTIALS[name] if creds else None
+            files[name] = copy if copy is not None and copy.is_file() else path
+        return files
 
     def resolved_threads(self) -> int:
         if self.threads > 0:
@@ -221,6 +281,36 @@ class Settings:
         return rows
 
 
+# TLS settings and the name of the systemd credential (LoadCredential=) that carries each file to the service.
+TLS_CREDENTIALS = {"tls_cert": "tls-cert", "tls_key": "tls-key", "tls_client_ca": "tls-client-ca"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def under_systemd(env: typing.Mapping[str, str] | None = None) -> bool:
+    """Whether this process was started by a systemd manager (which sets INVOCATION_ID for every unit it runs)."""
+    env = os.environ if env is None else env
+    return bool(env.get("INVOCATION_ID"))
+
+
+def check_keys(data: typing.Mapping[str, typing.Any], where: str) -> None:
+    """Refuse a key that is not a setting, naming the closest one (a misspelt key must not be silently ignored)."""
+    names = [f.name for f in dataclasses.fields(Settings)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else "remove it; "
+            raise ConfigError(f"unknown setting {key!r} in {where}", hint + "`bankllm settings` lists every setting")
+
+
 def env_flag(name: str, env: typing.Mapping[str, str] | None = None) -> str | None:
     """Read one BANKLLM_* variable (for the few things needed before Settings exist, like BANKLLM_DEBUG)."""
     env = os.environ if env is None else env
@@ -237,7 +327,13 @@ def read_toml(path: Path, missing_ok: bool = False) -> dict:
         raise ConfigError(f"configuration file {path} does not exist", "create it or drop --config") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}", "fix the syntax") from None
-    return data.get("bankllm", data)
+    if isinstance(data.get("bankllm"), dict):
+        outside = [k for k in data if k != "bankllm"]
+        if outside:
+            raise ConfigError(f"configuration file {path} has {outside[0]!r} outside its [bankllm] table",
+                              "put every setting under [bankllm], or use no table at all")
+        return data["bankllm"]
+    return data
 
 
 def toml_value(value) -> str:
@@ -294,6 +390,8 @@ def _coerce(name: str, hint, value):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
+        if hint is str and isinstance(value, (dict, list)):
+            raise ValueError(value)  # a table or array where text is expected is a mistake, not a string
         return str(value) if hint is str else value
     except (TypeError, ValueError):  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"setting {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}",

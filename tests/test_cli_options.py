@@ -21,18 +21,20 @@ TRAIN_FLAGS = ["--data", "--out", "--base", "--labels", "--method", "--epochs", 
 BUILD_SOURCES = ["--build", "--wheelhouse", "--base", "--adapter", "--adapter-sha256", "--train", "--labels",
                  "--train-epochs", "--train-max-steps", "--train-lr", "--quant", "--config"]
 # The flags of every command as they were before the options were shared, in --help order (plus, since: build's
-# --chat-template for a base without one, eval's --oos and --fit, `answers check`).
+# --chat-template for a base without one, eval's --oos and --fit, `answers check`, serve's --as-user, install's
+# TLS flags).
 FLAGS = {
     ("train",): TRAIN_FLAGS,
     ("build",): ["--base", "--adapter", "--adapter-sha256", "--quant", "--ppl-text", "--out", "--force",
                  "--chat-template", "--sign", "--config"],
     ("eval",): ["--model", "--data", "--labels", "--adapter", "--limit", "--oos", "--fit", "--out", "--config"],
-    ("serve",): ["--model", "--host", "--port", "--threads", "--keys-file", "--config"],
+    ("serve",): ["--model", "--host", "--port", "--threads", "--keys-file", "--config", "--as-user"],
     ("keys", "create"): ["--name", "--keys-file", "--config"],
     ("keys", "list"): ["--keys-file", "--config"],
     ("keys", "revoke"): ["--keys-file", "--config"],
-    ("install",): ["--user", "--root", *BUILD_SOURCES, "--bundle", "--trust", "--bundle-sha256", "--host", "--port", "--allow", "--no-start",
-                   "--foreground"],
+    ("install",): ["--user", "--root", *BUILD_SOURCES, "--bundle", "--trust", "--bundle-sha256", "--host", "--port",
+                   "--allow", "--no-start", "--foreground", "--tls-cert", "--tls-key", "--tls-client-ca",
+                   "--require-client-cert"],
     ("bundle",): [*BUILD_SOURCES, "--out", "--sign"],
     ("sign", "keygen"): ["--out"],
     ("sign", "dir"): ["--key"],

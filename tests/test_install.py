@@ -304,6 +304,7 @@ for d in etc opt var; do
   mkdir -p /mnt/$d/upper /mnt/$d/work
   mount -t overlay overlay -o lowerdir=/$d,upperdir=/mnt/$d/upper,workdir=/mnt/$d/work /$d
 done
+mkdir -p /run/bankllm && mount -t tmpfs -o mode=0755 tmpfs /run/bankllm
 ip link set lo up
 exec "$@"
 """
@@ -311,7 +312,8 @@ exec "$@"
 
 @pytest.mark.system
 def test_live_install_without_systemd_says_so_and_serves_in_foreground(inputs, tmp_path):
-    """A system install where PID 1 is not systemd (this machine): it says so, and --foreground serves."""
+    """A system install where PID 1 is not systemd (this machine): it says so, and --foreground serves, not as
+    root: as the `bankllm` user it creates, with no capabilities and no_new_privs, reading its staged credentials."""
     if os.geteuid() != 0:
         pytest.fail("needs root (private mount and network namespaces)")
     script = tmp_path / "nosystemd.sh"
@@ -342,6 +344,22 @@ def test_live_install_without_systemd_says_so_and_serves_in_foreground(inputs, t
         assert answer, out
         assert "systemd is not running on this machine" in out and "the service was NOT started" in out
         assert "serving in the foreground: /opt/bankllm/venv/bin/bankllm serve" in out
+        assert "--as-user bankllm" in out
+        served = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                cmdline = (status.parent / "cmdline").read_bytes().split(b"\0")
+                fields = dict(l.split(":", 1) for l in status.read_text().splitlines() if ":" in l)
+            except OSError:
+                continue
+            if b"serve" in cmdline and b"/run/bankllm/credentials/api-keys" in cmdline:
+                served.append({k: fields[k].split() for k in ("Uid", "NoNewPrivs", "CapEff", "CapBnd")})
+        assert served, "no serving process found"
+        passwd = (root / "etc/passwd").read_text()
+        for fields in served:
+            uid = fields["Uid"][1]
+            assert uid != "0" and f"bankllm:x:{uid}:" in passwd, (fields, passwd[-300:])
+            assert fields["NoNewPrivs"] == ["1"] and fields["CapEff"] == fields["CapBnd"] == ["0000000000000000"]
     finally:
         proc.kill()
         proc.wait(timeout=30)

@@ -365,9 +365,15 @@ def _bundle(path: Path, extra=(), files=None) -> Path:
     return _tar(path, entries + list(extra), "w", tarfile.GNU_FORMAT)
 
 
+def _pinned(bundle: Path) -> dict:
+    """The whole-file pin an unsigned bundle needs (the signature checks are tested in test_signing.py)."""
+    return {"bundle_sha256": hashlib.sha256(bundle.read_bytes()).hexdigest()}
+
+
 @pytest.mark.fast
 def test_bundle_uses_the_same_extractor(tmp_path):
-    opened = open_bundle(_bundle(tmp_path / "ok.tar"), tmp_path / "ok")
+    ok = _bundle(tmp_path / "ok.tar")
+    opened = open_bundle(ok, tmp_path / "ok", **_pinned(ok))
     assert (opened.build_dir / "model.gguf").is_file()
     bad = {
         "symlink": _bundle(tmp_path / "sym.tar", [(_info("model/link", tarfile.SYMTYPE, linkname="/etc/shadow"), None)]),
@@ -378,14 +384,16 @@ def test_bundle_uses_the_same_extractor(tmp_path):
     }
     for name, bundle in bad.items():
         with pytest.raises(UnsafeArchiveError) as info:
-            open_bundle(bundle, tmp_path / "x" / "b")
+            open_bundle(bundle, tmp_path / "x" / "b", **_pinned(bundle))
         _check_refusal(info.value, bundle)
         assert not (tmp_path / "x").exists() or _listing(tmp_path / "x") == [], name
     with pytest.raises(ArchiveTooLargeError, match="over the cap of 500 bytes") as info:
-        open_bundle(_bundle(tmp_path / "ok2.tar"), tmp_path / "y" / "b", limits=bundle_limits(_Caps(500, 100)))
+        ok2 = _bundle(tmp_path / "ok2.tar")
+        open_bundle(ok2, tmp_path / "y" / "b", limits=bundle_limits(_Caps(500, 100)), **_pinned(ok2))
     assert "fix: raise bundle_max_bytes" in format_error(info.value)
     with pytest.raises(ArchiveTooLargeError, match="members") as info:
-        open_bundle(_bundle(tmp_path / "ok3.tar"), tmp_path / "y" / "b", limits=bundle_limits(_Caps(1 << 20, 2)))
+        ok3 = _bundle(tmp_path / "ok3.tar")
+        open_bundle(ok3, tmp_path / "y" / "b", limits=bundle_limits(_Caps(1 << 20, 2)), **_pinned(ok3))
     assert "fix: raise bundle_max_members" in format_error(info.value)
     assert _listing(tmp_path / "y") == []
 
@@ -394,7 +402,8 @@ def test_bundle_uses_the_same_extractor(tmp_path):
 def test_install_refuses_a_bundle_with_a_link_in_one_line(tmp_path):
     bundle = _bundle(tmp_path / "sym.tar", [(_info("model/link", tarfile.SYMTYPE, linkname="/etc/shadow"), None)])
     root = tmp_path / "root"
-    proc = run_cli("install", "--root", root, "--bundle", bundle, timeout=120)
+    proc = run_cli("install", "--root", root, "--bundle", bundle, "--bundle-sha256",
+                   _pinned(bundle)["bundle_sha256"], timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: bundle") and "symbolic link" in lines[-1] and "-- fix:" in lines[-1], proc.stderr

@@ -57,9 +57,16 @@ def _prepare(settings, train: dict, **sources):
 @click.option("--port", type=int, help="TCP port of the service (default 8080).")
 @click.option("--allow", "allow", multiple=True, help="Client network allowed to connect (CIDR; repeatable).")
 @click.option("--no-start", is_flag=True, help="Lay everything out but do not start the service.")
-@click.option("--foreground", is_flag=True, help="Where systemd is not running, then serve in the foreground.")
+@click.option("--foreground", is_flag=True, help="Where systemd is not running, then serve in the foreground "
+              "(as the service user, not as root).")
+@click.option("--tls-cert", type=PATH, help="Serve HTTPS with this PEM certificate (copied into the credentials).")
+@click.option("--tls-key", type=PATH, help="The certificate's PEM private key (copied 0600 into the credentials).")
+@click.option("--tls-client-ca", type=PATH, help="PEM CA that signs the bank's client certificates.")
+@click.option("--require-client-cert", is_flag=True, default=None,
+              help="Mutual TLS: refuse clients without a certificate signed by --tls-client-ca.")
 def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, bundle, trust,
-            bundle_sha256, host, port, allow, no_start, foreground, **train):
+            bundle_sha256, host, port, allow, no_start, foreground, tls_cert, tls_key, tls_client_ca,
+            require_client_cert, **train):
     """Install the appliance: code, model, config, API key and hardened unit; start it and wait for /ready."""
     from ..errors import InstallError
     from ..install.installer import foreground_argv, install as do_install, settings_for_install, summary
@@ -75,7 +82,9 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
     check_sources(build_dir, adapter, adapter_sha256, train)
     layout = choose_layout(user=user, root=root)
     settings = settings_for_install(layout, config, host=host, port=port,
-                                    allowed_networks=list(allow) if allow else None)
+                                    allowed_networks=list(allow) if allow else None, tls_cert=tls_cert,
+                                    tls_key=tls_key, tls_client_ca=tls_client_ca,
+                                    require_client_cert=require_client_cert)
     if bundle is None:
         wheelhouse, build_dir = _prepare(settings, train, build_dir=build_dir, wheelhouse=wheelhouse, base=base,
                                          adapter=adapter, adapter_sha256=adapter_sha256, quant=quant)

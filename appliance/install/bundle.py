@@ -241,7 +241,7 @@ def authenticate_bundle(path: Path, trust: Path | None = None, bundle_sha256: st
 
 
 def open_bundle(path: Path, dest: Path, python: Path | None = None, *, trust: Path | None = None,
-                bundle_sha256: str | None = None) -> OpenedBundle:
+                bundle_sha256: str | None = None, limits: ArchiveLimits | None = None) -> OpenedBundle:
     """Unpack into `dest` (a scratch directory) and verify every file against the manifest; nothing else is touched.
 
     Before anything is unpacked, the manifest must be vouched for: signed by the `trust`ed key, or the whole file

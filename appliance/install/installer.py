@@ -15,12 +15,13 @@ from pathlib import Path
 from .. import signing
 from ..errors import InstallError
 from ..fsutil import require_free_disk
-from ..settings import Settings
+from ..service.privileges import SERVICE_USER, ensure_service_user
+from ..settings import TLS_CREDENTIALS, Settings, read_toml
 from . import steps, store
 from . import systemd as sd
 from .bundle import bundle_limits, open_bundle
 from .health import endpoint_of, port_in_use, unit_active
-from .layout import STAGED, USER, Layout
+from .layout import STAGED, SYSTEM, USER, Layout
 from .lock import install_lock
 from .source import ensure_build
 from .summary import foreground_argv, foreground_command, summary  # noqa: F401  (the install's public face)
@@ -109,6 +110,7 @@ def _install_locked(settings: Settings, layout: Layout, build_dir: Path, build_i
     previous = store.install_build(layout, build_dir, build_id, changed)
     if trust is not None:
         steps.install_trust_key(layout, trust, changed)
+    settings = steps.install_tls(settings, layout, changed)
     steps.write_config(settings, layout, changed, trust_key=layout.trust_key_file if trust is not None else None)
     first_key = steps.ensure_first_key(layout, changed)
     unit_changed = steps.write_unit(settings, layout, changed)
@@ -116,6 +118,9 @@ def _install_locked(settings: Settings, layout: Layout, build_dir: Path, build_i
 
     result = InstallResult(layout, build_id, endpoint_of(settings), changed, first_key=first_key,
                            previous_build=previous or store.current_build(layout, "previous"))
+    if layout.mode == SYSTEM and not sd.systemd_running() and ensure_service_user():
+        # Without systemd there is no DynamicUser: `serve --as-user` drops to this user instead of serving as root.
+        changed.append(f"user {SERVICE_USER}")
     if layout.mode == STAGED and start:
         # Offline enable: the wants/ link is made in the staged tree, so the image starts it on first boot.
         sd.systemctl(f"--root={layout.root}", "enable", sd.UNIT_NAME)
@@ -134,4 +139,10 @@ def settings_for_install(layout: Layout, config: Path | None = None, **overrides
     cfg = layout.host(layout.config_file)
     if config is None and cfg.is_file():
         config = cfg
+        if layout.root != Path("/"):
+            # A staged config names the target system's paths: read its TLS copies where they are staged now.
+            data = read_toml(cfg)
+            for name in TLS_CREDENTIALS:
+                if isinstance(data.get(name), str) and overrides.get(name) is None:
+                    overrides[name] = layout.host(Path(data[name]))
     return Settings.load(config=config, **overrides)

@@ -11,7 +11,7 @@ from ..errors import InputError, InstallError
 from ..settings import Settings
 from . import store
 from . import systemd as sd
-from .health import endpoint_of, port_in_use, probe, read_first_key, wait_ready
+from .health import endpoint_of, handshake, pin_of, port_in_use, probe, reachable, read_first_key, wait_ready
 from .layout import USER, Layout
 from .lock import install_lock
 from .summary import foreground_command
@@ -50,9 +50,13 @@ def _report(layout: Layout, which: str = "current") -> dict:
 
 def status(settings: Settings, layout: Layout) -> dict:
     """Unit state, current and previous model with the gate's verdict, endpoint health."""
-    endpoint = endpoint_of(settings)
-    health, _ = probe(endpoint + "/health", timeout=3)
-    ready, _ = probe(endpoint + "/ready", read_first_key(layout), timeout=3)
+    endpoint, pin = endpoint_of(settings), pin_of(settings)
+    if pin is not None and pin.client_cert_required:
+        # Without a client certificate the routes are out of reach: the pinned handshake is what can be checked.
+        health = ready = "TLS handshake ok (client certificate required)" if handshake(endpoint, pin, 3) else 0
+    else:
+        health, _ = probe(endpoint + "/health", timeout=3, pin=pin)
+        ready, _ = probe(endpoint + "/ready", read_first_key(layout), timeout=3, pin=pin)
     return {"unit": _unit_state(layout), "model": _report(layout), "previous": _report(layout, "previous"),
             "endpoint": endpoint, "health": health or "no answer", "ready": ready or "no answer",
             "config": str(layout.config_file)}
@@ -116,7 +120,7 @@ def doctor(settings: Settings, layout: Layout) -> list[Finding]:
                                             "your supervisor"))
 
     if port_in_use(settings.host, settings.port):
-        ours = probe(endpoint_of(settings) + "/health", timeout=3)[0] == 200
+        ours = reachable(endpoint_of(settings), None, pin_of(settings), timeout=3)
         found.append(Finding("ok" if ours else "fail", f"port {settings.port}: "
                              + ("bankllm answers there" if ours else "in use by another process"),
                              "" if ours else "stop that process or set `port` in " + str(layout.config_file)))
@@ -168,7 +172,7 @@ def rollback(settings: Settings, layout: Layout, log=print) -> tuple[str, str]:
             sd.systemctl("restart", sd.UNIT_NAME, user=user, timeout=settings.install_ready_timeout_s)
             log(f"restarted {sd.UNIT_NAME}; waiting for /ready")
             if not wait_ready(endpoint_of(settings), read_first_key(layout), settings.install_ready_timeout_s,
-                              unit_user=user):
+                              unit_user=user, pin=pin_of(settings)):
                 raise InstallError(f"rolled back to {prev}, but the service did not become ready",
                                    "see `journalctl -u bankllm -n 50`; `bankllm rollback` again returns to " + str(cur))
         return cur or "", prev

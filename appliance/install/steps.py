@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,17 +13,19 @@ from .. import __version__
 from ..errors import ConfigError, InstallError
 from ..fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..service import keys
-from ..settings import Settings, read_toml, render_toml
+from ..settings import TLS_CREDENTIALS, Settings, check_keys, read_toml, render_toml
 from . import store
 from . import systemd as sd
-from .health import read_first_key, unit_active, unit_last_error, wait_ready
+from .health import pin_of, read_first_key, unit_active, unit_last_error, wait_ready
 from .layout import USER, Layout
 from .venv import ensure_venv, switch_link
 
-# Keys of bankllm.toml the installer owns; every other key an operator adds is kept as it is.
-OWNED = ("host", "port", "model", "model_name", "allowed_networks")
+# Keys of bankllm.toml the installer owns; every other setting an operator adds is kept as it is.
+OWNED = ("host", "port", "model", "model_name", "allowed_networks",
+         "tls_cert", "tls_key", "tls_client_ca", "require_client_cert")
 CONFIG_HEADER = ("bankllm settings (`bankllm settings --config FILE` shows every key, its value and its source).",
-                 "`bankllm install` rewrites host, port, model, model_name, allowed_networks; other keys stay.")
+                 "`bankllm install` rewrites host, port, model, model_name, allowed_networks and the tls_* keys; "
+                 "other settings stay (a key that is not a setting is refused).")
 
 
 def write_if_changed(path: Path, text: str, mode: int, changed: list[str], what: str) -> bool:
@@ -78,14 +81,46 @@ def write_config(settings: Settings, layout: Layout, changed: list[str], trust_k
     path = layout.host(layout.config_file)
     try:
         existing = read_toml(path, missing_ok=True)
+        check_keys(existing, f"configuration file {layout.config_file}")
     except ConfigError as exc:
-        raise ConfigError(exc.message, "fix it or remove it and rerun the install") from None
+        raise ConfigError(exc.message, f"{exc.fix or 'fix it'}; or remove it and rerun the install") from None
     kept = {k: v for k, v in existing.items() if k not in OWNED}
     values = {"host": settings.host, "port": settings.port, "model": str(layout.current),
-              "model_name": settings.model_name, "allowed_networks": list(settings.allowed_networks), **kept}
+              "model_name": settings.model_name, "allowed_networks": list(settings.allowed_networks),
+              "tls_cert": settings.tls_cert, "tls_key": settings.tls_key, "tls_client_ca": settings.tls_client_ca,
+              "require_client_cert": settings.require_client_cert or None, **kept}
     if trust_key is not None:
         values["trust_key"] = str(trust_key)
     write_if_changed(path, render_config(values), 0o644, changed, "config")
+
+
+def tls_credentials(layout: Layout) -> dict[str, Path]:
+    """The installed copies of the TLS files (credential name -> target path) that exist now."""
+    return {cred: layout.credentials_dir / cred for cred in TLS_CREDENTIALS.values()
+            if layout.host(layout.credentials_dir / cred).is_file()}
+
+
+def install_tls(settings: Settings, layout: Layout, changed: list[str]) -> Settings:
+    """Copy the TLS files 0600 into the credentials directory (the unit hands them over with LoadCredential=);
+    the settings returned point at the copies. Copies of files no longer configured are removed."""
+    creds = layout.host(layout.credentials_dir)
+    creds.mkdir(parents=True, exist_ok=True)
+    os.chmod(creds, 0o700)
+    copies = {}
+    for name, cred in TLS_CREDENTIALS.items():
+        source, dest = getattr(settings, name), creds / cred
+        if source is None:
+            if dest.exists():
+                dest.unlink()
+                changed.append(f"{cred} removed")
+            continue
+        data = Path(source).read_bytes()
+        if not (dest.is_file() and dest.read_bytes() == data):
+            write_bytes_atomic(dest, data, mode=0o600)  # 0600 from its first byte: the key is a secret
+            changed.append(cred)
+        os.chmod(dest, 0o600)
+        copies[name] = layout.credentials_dir / cred
+    return dataclasses.replace(settings, **copies) if copies else settings
 
 
 def ensure_first_key(layout: Layout, changed: list[str]) -> Path | None:
@@ -108,7 +143,8 @@ def write_unit(settings: Settings, layout: Layout, changed: list[str]) -> bool:
     """Render, write and verify the unit; True when it changed (systemd must reload it)."""
     unit = sd.render_unit(exec_start=[layout.bankllm_exe, "serve", "--config", layout.config_file],
                           keys_file=layout.keys_file, port=settings.port,
-                          allowed_networks=list(settings.allowed_networks), user=layout.mode == USER)
+                          allowed_networks=list(settings.allowed_networks), user=layout.mode == USER,
+                          tls_files=tls_credentials(layout))
     written = write_if_changed(layout.host(layout.unit_path), unit, 0o644, changed, "unit")
     complaints = [l for l in sd.verify_unit(layout.host(layout.unit_path),
                                             root=None if layout.root == Path("/") else layout.root)
@@ -142,7 +178,8 @@ def start_service(settings: Settings, layout: Layout, endpoint: str, build_id: s
     log(f"service: systemctl {action} {sd.UNIT_NAME}, waiting for /ready")
     sd.systemctl("reset-failed", sd.UNIT_NAME, user=user, check=False)
     sd.systemctl(action, sd.UNIT_NAME, user=user, timeout=settings.install_ready_timeout_s)
-    if wait_ready(endpoint, read_first_key(layout), settings.install_ready_timeout_s, unit_user=user):
+    if wait_ready(endpoint, read_first_key(layout), settings.install_ready_timeout_s, unit_user=user,
+                  pin=pin_of(settings)):
         return
     why = unit_last_error(user)
     why = f" (service said: {why})" if why else ""

@@ -20,6 +20,8 @@ _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 # Marks a template line for the system manager only: a user manager (`install --user`) has no DynamicUser
 # (the service runs as the user) and no BPF socket or IP filters, so the user unit leaves those lines out.
 _SYSTEM_ONLY = "@SYSTEM@"
+# Mark the TLS credential lines: kept only when TLS is on (@TLS@) and when a client CA is set (@TLS_CA@).
+_TLS_ONLY, _TLS_CA_ONLY = "@TLS@", "@TLS_CA@"
 
 
 def template_text() -> str:
@@ -41,8 +43,12 @@ def ip_allow_list(networks: list[str]) -> list[str]:
 
 
 def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_networks: list[str],
-                user: bool = False) -> str:
-    """The unit text for these paths and settings (for a user manager with `user`); fails on any placeholder left unfilled."""
+                user: bool = False, tls_files: dict[str, Path] | None = None) -> str:
+    """The unit text for these paths and settings (for a user manager with `user`); fails on any placeholder left unfilled.
+
+    `tls_files` maps the TLS credentials (tls-cert, tls-key, tls-client-ca) to the files systemd hands over.
+    """
+    tls_files = tls_files or {}
     if port < 1024:
         # The unit has no capabilities and a private user namespace, so it can never bind a privileged port.
         raise ConfigError(f"port {port} is privileged and the hardened unit holds no capabilities",
@@ -55,6 +61,7 @@ def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_ne
         # A user install's code lives in the user's home, which the service must read.
         "PROTECT_HOME": "read-only" if user else "yes",
         "WANTED_BY": "default.target" if user else "multi-user.target",
+        **{name.upper().replace("-", "_"): str(path) for name, path in tls_files.items()},
     }
     for key, value in values.items():
         if "\n" in value or "%" in value:
@@ -68,12 +75,14 @@ def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_ne
                                "reinstall bankllm; the shipped template does not match this version")
         return values[name]
 
+    keep = {_SYSTEM_ONLY: not user, _TLS_ONLY: "tls-cert" in tls_files, _TLS_CA_ONLY: "tls-client-ca" in tls_files}
     lines = []
     for line in template_text().splitlines(keepends=True):
-        if line.startswith(_SYSTEM_ONLY):
-            if user:
+        marker = next((m for m in keep if line.startswith(m)), None)
+        if marker is not None:
+            if not keep[marker]:
                 continue
-            line = line[len(_SYSTEM_ONLY):]
+            line = line[len(marker):]
         lines.append(line)
     return _PLACEHOLDER.sub(fill, "".join(lines))
 

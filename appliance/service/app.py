@@ -10,6 +10,7 @@ from litestar import Litestar, Request
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.response import Response
 
 from litestar.di import Provide
@@ -109,7 +110,10 @@ def create_app(settings: Settings, engine_factory: Callable | None = None) -> Li
                             Exception: _internal_error},
         request_max_body_size=settings.max_body_bytes,
         before_request=check_body,  # JSON nested too deeply: a 400 before any route decodes it (bodies.py)
-        openapi_config=OpenAPIConfig(title="bankllm", version="1", path="/schema"),
+        # Only the JSON schema: litestar's UI pages (swagger, redoc, ...) load scripts from public CDNs, which an
+        # air-gapped bank page must not call.
+        openapi_config=OpenAPIConfig(title="bankllm", version="1", path="/schema",
+                                     render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])]),
         debug=False,
         logging_config=None,
     )
