@@ -32,7 +32,8 @@ import re
 _SEP_CHARS = r" \t\u00a0\u2000-\u200d\u2060\ufeff\u202f\u205f\u3000\-\u2010-\u2015\u2212\u2043\ufe58\ufe63\uff0d._"
 _SEP = f"[{_SEP_CHARS}]"
 _DASH_OR_SPACE = r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000\-\u2010-\u2015\u2212\ufe58\ufe63\uff0d]"
-_NOT_LETTER_BEFORE = r"(?<![^\W\d_])"  # keywords must not be the tail of a longer word ("shopping" is not "pin")
+# Keywords must not be the tail of a longer word ("shopping" is not "pin"), nor a placeholder ("[CVV]", "[ACCOUNT]").
+_NOT_LETTER_BEFORE = r"(?<![^\W\d_])(?<!\[)"
 _NOT_LETTER_AFTER = r"(?![^\W\d_])"
 
 # A match may start only where a local part starts (the look-behind): without it, a long word and a late "@" cost
@@ -52,7 +53,8 @@ _CVV_WORDS = (r"cvv2?|cvc2?|cv2|cvn|csc|cid|card\s*(?:security|verification)\s*(
               r"|security\s*(?:code|number|digits)|(?:3|three)[\s-]*digit\s*(?:code|number)")
 _PIN_WORDS = (r"(?:my)?pins?(?:\s*(?:code|number|no))?|pass\s*code|passcode|otp|one[\s-]*time\s*(?:pass)?(?:code|password)"
               r"|verification\s*code|auth(?:entication|orisation|orization)?\s*code|access\s*code|memorable\s*number")
-_GAP = r"(?:[^\w]|_)*(?:[^\W\d_]{1,10}'?[^\W\d_]{0,3}(?:[^\w]|_)+){0,4}?"  # at most four short words in between
+# At most four short words between a keyword and its number, never across a placeholder ("[CVV], zip 90210").
+_GAP = r"(?:[^\w\[]|_)*(?:[^\W\d_]{1,10}'?[^\W\d_]{0,3}(?:[^\w\[]|_)+){0,4}?"
 _SECRET_DIGITS = r"\d(?:[ .\-]?\d){2,7}(?!\d)"
 _SECRET_AFTER = re.compile(
     rf"{_NOT_LETTER_BEFORE}(?:(?P<cvv>{_CVV_WORDS})|(?P<pin>{_PIN_WORDS})){_NOT_LETTER_AFTER}{_GAP}"
