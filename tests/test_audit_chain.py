@@ -221,6 +221,21 @@ def test_a_torn_last_line_is_recorded_on_restart(tmp_path):
     assert broken([path]).startswith(f"{path} line 6: not a valid audit line")
 
 
+def test_a_last_line_missing_only_its_newline_is_completed(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 3)
+    path.write_bytes(path.read_bytes()[:-1])
+    write_log(path, 2, start=3)
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert verify_chain([path]).breaks == []
+
+
+def test_an_unwritable_log_is_refused_at_start(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot open the audit log"):
+        AuditLog(tmp_path / "file" / "audit.jsonl").open()
+
+
 def test_a_failed_write_is_recorded_by_the_next_one(tmp_path, monkeypatch):
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, build_id="b")

@@ -179,9 +179,13 @@ class AuditLog:
         if self._opened:
             return
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._open_fd()
-            self._tail = _read_tail(rotated_files(self.path) + [self.path])
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._open_fd()
+                self._tail = _read_tail(rotated_files(self.path) + [self.path])
+            except OSError as exc:
+                raise ConfigError(f"cannot open the audit log {self.path}: {exc.strerror or exc}",
+                                  "make its directory writable by the service, or set audit_log elsewhere") from None
             self._resync = False
         self._opened = True
 

@@ -2,25 +2,31 @@
 
 Promised categories (tests/data/masking-corpus.jsonl holds realistic cases of each; none may leak):
 
-- ``[EMAIL]``: ``local@host`` addresses, any case, plus-addressing, single-label hosts (``user@localhost``).
-- ``[IBAN]``: IBANs of every registered country, any case, with or without spaces (groups of four), glued to
+- ``[EMAIL]``: ``local@host`` addresses, any case, plus-addressing, single-label hosts (``user@localhost``),
+  IP-literal hosts (``admin@[10.0.0.1]``).
+- ``[IBAN]``: IBANs of every registered country, any case, with or without spaces or dashes (any grouping), glued to
   words (``iban:gb82west...``, ``ibanGB82...``), mod-97 valid. ``[IBAN_LIKE]``: the same shape (a known country
   code, its exact length, at least 8 digits) failing mod-97 -- a mistyped IBAN is still the customer's account.
 - ``[CARD]``: 13-19 digits, Luhn-valid, contiguous or grouped by spaces, dashes (any Unicode dash), dots or
   underscores, glued to letters or not (``card4111111111111111``).
-- ``[CVV]`` / ``[PIN]``: the 3-8 digits after a CVV/CVC/CV2/CSC/security-code phrase, or after a PIN, passcode,
-  one-time/verification code phrase (``my pin is 1234``, ``cvv: 123``, ``PIN=0000``, ``1234 is my pin``).
+- ``[CVV]`` / ``[PIN]``: the 3-8 digits (spaced or not) up to four words after a CVV/CVC/CV2/CSC/security-code/
+  "3 digits" phrase, or a PIN, passcode, OTP, one-time/verification code phrase (``my pin is 1234``, ``cvv: 123``,
+  ``PIN=0000``, ``the 3 digits on the back are 308``), and before ``is my pin``.
 - ``[SSN]``: US social security numbers written 123-45-6789 (or with spaces), or 9 digits after ``SSN``.
-- ``[SORT_CODE]``: UK sort codes 12-34-56 or 12 34 56 anywhere, 123456 after ``sort code``.
+- ``[SORT_CODE]``: UK sort codes 12-34-56 or 12 34 56 anywhere (a dd-mm-yy date is masked too), and 6 digits in
+  any grouping after ``sort code``/``sortcode``/``s/c``/``sc``.
 - ``[ACCOUNT]``: any run of 7-12 digits (glued to letters or not), and 6-12 digits in any grouping after
   ``account``/``acct``/``acc``/``a/c``.
 - ``[PHONE]``: numbers with an international prefix (``+44 20 7946 0958``, ``0044 ...``, ``+1 (555) 010-9999``)
-  of 7-15 digits, 7-15 digits after ``phone``/``tel``/``mobile``/``call``, and any grouped number of 9-12 digits.
+  of 7-15 digits, 7-15 digits after ``phone``/``tel``/``mobile``/``call``/``number``/``fax`` (not a date), and any
+  grouped number of 9-12 digits.
 - ``[NUMBER]``: whatever long digit sequence is left: a contiguous run of 13 or more digits that is not a card
   (e.g. a mistyped card), and 13 or more digits in one grouped sequence.
 
 Digit boundaries are look-arounds on digits, never ``\\b`` (an underscore or a letter glued to a number is not a
-boundary for ``\\b``). Left alone on purpose: amounts, dates (8 digits at most), times, short reference numbers.
+boundary for ``\\b``). Left alone on purpose: amounts, dates (8 digits at most), times, short reference numbers, and
+numbers of up to 6 digits without a keyword (``transfer reference 123456``, ``card ending in 4242``). Not promised:
+passwords and names (free text has no shape to find them by).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ _NOT_LETTER_AFTER = r"(?![^\W\d_])"
 # A match may start only where a local part starts (the look-behind): without it, a long word and a late "@" cost
 # quadratic time. Hosts may be a single label (user@localhost).
 _LOCAL = r"[\w.!#$%&'*+/=?^`{|}~-]"
-EMAIL = re.compile(rf"(?<!{_LOCAL}){_LOCAL}++@[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*")
+EMAIL = re.compile(rf"(?<!{_LOCAL}){_LOCAL}++@(?:\[[0-9A-Fa-f.:]{{2,45}}\]|[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*)")
 
 # A sequence of digit groups joined by up to three separator characters ("4111 1111", "4111 - 1111").
 _GROUPS = re.compile(rf"\d+(?:{_SEP}{{1,3}}\d+)*")
@@ -50,7 +56,7 @@ _GROUPED = re.compile(rf"(?<!\d){_PHONE_GROUPS}")
 _RUN = re.compile(r"(?<!\d)\d{7,}(?!\d)")
 
 _CVV_WORDS = (r"cvv2?|cvc2?|cv2|cvn|csc|cid|card\s*(?:security|verification)\s*(?:code|value|number)"
-              r"|security\s*(?:code|number|digits)|(?:3|three)[\s-]*digit\s*(?:code|number)")
+              r"|security\s*(?:code|number|digits)|(?:3|three|4|four)[\s-]*digits?(?:\s*(?:code|number))?")
 _PIN_WORDS = (r"(?:my)?pins?(?:\s*(?:code|number|no))?|pass\s*code|passcode|otp|one[\s-]*time\s*(?:pass)?(?:code|password)"
               r"|verification\s*code|auth(?:entication|orisation|orization)?\s*code|access\s*code|memorable\s*number")
 # At most four short words between a keyword and its number, never across a placeholder ("[CVV], zip 90210").
@@ -68,13 +74,13 @@ _ANY_GROUPING = rf"\d(?:{_SEP}{{0,3}}\d)*(?!\d)"
 _SSN_CONTEXT = re.compile(rf"{_NOT_LETTER_BEFORE}(?:ssn|social\s*security(?:\s*(?:number|no))?){_NOT_LETTER_AFTER}"
                           rf"{_GAP}(?<!\d)(?P<digits>{_ANY_GROUPING})", re.IGNORECASE)
 _SORT_CODE = re.compile(rf"(?<!\d)\d{{2}}({_DASH_OR_SPACE})\d{{2}}\1\d{{2}}(?!\d)")
-_SORT_CONTEXT = re.compile(rf"{_NOT_LETTER_BEFORE}(?:sort[\s_-]*code|s/c|bank\s*code)s?{_NOT_LETTER_AFTER}"
+_SORT_CONTEXT = re.compile(rf"{_NOT_LETTER_BEFORE}(?:sort[\s_-]*code|s/c|sc|bank\s*code)s?{_NOT_LETTER_AFTER}"
                            rf"{_GAP}(?<!\d)(?P<digits>{_ANY_GROUPING})", re.IGNORECASE)
 _ACCOUNT_CONTEXT = re.compile(
     rf"{_NOT_LETTER_BEFORE}(?:my)?(?:account|acct|acc|a/c)s?{_NOT_LETTER_AFTER}{_GAP}(?<!\d)(?P<digits>{_ANY_GROUPING})",
     re.IGNORECASE)
 _PHONE_CONTEXT = re.compile(
-    rf"{_NOT_LETTER_BEFORE}(?:phone|tel|telephone|mobile|cell|call|ring|text|whatsapp|landline)(?:s|ed|ing)?"
+    rf"{_NOT_LETTER_BEFORE}(?:phone|tel|telephone|mobile|cell|call|ring|text|whatsapp|landline|number|fax)(?:s|ed|ing)?"
     rf"{_NOT_LETTER_AFTER}{_GAP}(?<![\d+])(?P<digits>{_PHONE_GROUPS})", re.IGNORECASE)
 
 # IBAN lengths by country (SWIFT's IBAN registry, plus the countries that use IBANs outside it).
@@ -137,8 +143,8 @@ def _mask_ibans(text: str) -> str:
             if ch.isascii() and ch.isalnum():
                 chars.append(ch)
                 i += 1
-            elif ch in _IBAN_SEP and chars and len(chars) % 4 == 0 and i + 1 < len(text) and text[i + 1].isalnum():
-                i += 1  # a separator only between groups of four, as IBANs are printed
+            elif ch in _IBAN_SEP and len(chars) >= 4 and i + 1 < len(text) and text[i + 1].isalnum():
+                i += 1  # one separator between characters (printed IBANs group by four; people group as they like)
             else:
                 break
         if len(chars) != length:
@@ -217,10 +223,11 @@ def _date_like(text: str) -> bool:
     return 1900 <= year <= 2099 and ((1 <= a <= 12 and 1 <= b <= 31) or (1 <= a <= 31 and 1 <= b <= 12))
 
 
-def _count_mark(lo: int, hi: int, mark: str):
+def _count_mark(lo: int, hi: int, mark: str, dates: bool = False):
+    """Mask the context's number when it has lo..hi digits (and, unless `dates`, does not read as a date)."""
     def mark_for(m: re.Match) -> str | None:
         digits = m.group("digits")
-        return mark if lo <= len(_digits(digits)) <= hi and not _date_like(digits) else None
+        return mark if lo <= len(_digits(digits)) <= hi and (dates or not _date_like(digits)) else None
     return mark_for
 
 
@@ -252,10 +259,10 @@ def mask(text: str) -> str:
     text = _SECRET_AFTER.sub(_replace_digits(_secret_mark), text)
     text = _SECRET_BEFORE.sub(_replace_digits(_secret_mark), text)
     text = _SSN.sub("[SSN]", text)
-    text = _SSN_CONTEXT.sub(_replace_digits(_count_mark(9, 9, "[SSN]")), text)
+    text = _SSN_CONTEXT.sub(_replace_digits(_count_mark(9, 9, "[SSN]", dates=True)), text)
     text = _INTL_PHONE.sub(_phone, text)  # before sort codes: "+33 1 23 45 67 89" holds a 2-2-2 shape
     text = _SORT_CODE.sub("[SORT_CODE]", text)
-    text = _SORT_CONTEXT.sub(_replace_digits(_count_mark(6, 6, "[SORT_CODE]")), text)
+    text = _SORT_CONTEXT.sub(_replace_digits(_count_mark(6, 6, "[SORT_CODE]", dates=True)), text)
     text = _ACCOUNT_CONTEXT.sub(_replace_digits(_count_mark(6, 12, "[ACCOUNT]")), text)
     text = _PHONE_CONTEXT.sub(_replace_digits(_count_mark(7, 15, "[PHONE]")), text)
     text = _RUN.sub(_run, text)  # a long run glued to letters or underscores too ("acct_12345678")
