@@ -260,6 +260,27 @@ def test_a_failed_write_is_recorded_by_the_next_one(tmp_path, monkeypatch):
     assert len(verify_chain([path]).breaks) == 1
 
 
+def test_a_rotation_that_cannot_open_the_next_file_recovers(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, rotate_bytes=300)
+    for i in range(3):
+        log.write({"route": "/a", "i": i})
+    real_open, calls = os.open, []
+
+    def fail_once(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+        return real_open(*args, **kw)
+
+    monkeypatch.setattr(audit_mod.os, "open", fail_once)
+    for i in range(3, 8):
+        log.write({"route": "/a", "i": i})  # the first of these is lost (never written), the rest chain on
+    log.close()
+    summary = verify_chain(files_of(path))
+    assert calls and summary.lines == 7 and summary.last_seq == 6
+
+
 def test_a_log_from_before_chaining_is_continued(tmp_path):
     path = tmp_path / "audit.jsonl"
     path.write_text('{"time":"t1","route":"/a"}\n{"time":"t2","route":"/b"}\n')

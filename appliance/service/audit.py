@@ -247,6 +247,9 @@ class AuditLog:
             sys.stderr.write(line.decode("utf-8") + "\n")
             tail.seq, tail.prev = tail.seq + 1, _sha(line)
             return
+        if self._fd is None:  # a rotation renamed the file but could not open the next one: try again
+            self._open_fd()
+            self._resync = True
         if self._resync:
             self._tail = _read_tail(rotated_files(self.path) + [self.path])
             self._size = os.fstat(self._fd).st_size
