@@ -69,6 +69,19 @@ def test_a_caller_cannot_forge_the_chain_fields(tmp_path):
     assert (rec["seq"], rec["prev"], rec["build"]) == (0, GENESIS, "b") and rec["time"] != "x"
 
 
+def test_reading_lines_backwards_in_chunks(tmp_path, monkeypatch):
+    import random
+
+    monkeypatch.setattr(audit_mod, "_TAIL_CHUNK", 7)  # chunk edges fall everywhere, inside lines and on newlines
+    rng = random.Random(3)
+    for trial in range(200):
+        data = b"".join(rng.choice([b"\n", b"a", b"bc", b"{}", b"\xc3\xa9"]) for _ in range(rng.randrange(0, 40)))
+        (tmp_path / "f").write_bytes(data)
+        pieces = data.split(b"\n")
+        want = [(p, True) for p in pieces[:-1]] + ([(pieces[-1], False)] if pieces[-1] else [])
+        assert list(audit_mod._reverse_lines(tmp_path / "f")) == list(reversed(want)), data
+
+
 def test_an_edited_line_is_named(tmp_path):
     path = tmp_path / "audit.jsonl"
     write_log(path, 10)
