@@ -16,7 +16,7 @@ Promised categories (tests/data/masking-corpus.jsonl holds realistic cases of ea
 - ``[SORT_CODE]``: UK sort codes 12-34-56 or 12 34 56 anywhere (a dd-mm-yy date is masked too), and 6 digits in
   any grouping after ``sort code``/``sortcode``/``s/c``/``sc``.
 - ``[ACCOUNT]``: any run of 7-12 digits (glued to letters or not), and 6-12 digits in any grouping after
-  ``account``/``acct``/``acc``/``a/c``.
+  ``account``/``acct``/``acc``/``a/c``/``routing``.
 - ``[PHONE]``: numbers with an international prefix (``+44 20 7946 0958``, ``0044 ...``, ``+1 (555) 010-9999``)
   of 7-15 digits, 7-15 digits after ``phone``/``tel``/``mobile``/``call``/``number``/``fax`` (not a date), and any
   grouped number of 9-12 digits.
@@ -51,7 +51,7 @@ EMAIL = re.compile(rf"(?<!{_LOCAL}){_LOCAL}++@(?:\[[0-9A-Fa-f.:]{{2,45}}\]|[^\W_
 _GROUPS = re.compile(rf"\d+(?:{_SEP}{{1,3}}\d+)*")
 # The same with the brackets and slashes of phone numbers ("+44 (0)20 7946 0958", "030/1234567").
 _PHONE_GROUPS = rf"\(?\d+(?:(?:{_SEP}|[()/]){{1,3}}\d+)*\)?"
-_INTL_PHONE = re.compile(rf"(?:\+|(?<!\d)00){_SEP}?{_PHONE_GROUPS}")
+_INTL_PHONE = re.compile(rf"(?:\+|(?<!\d)00(?=[1-9])){_SEP}?{_PHONE_GROUPS}")  # no country code starts with 0
 _GROUPED = re.compile(rf"(?<!\d){_PHONE_GROUPS}")
 _RUN = re.compile(r"(?<!\d)\d{7,}(?!\d)")
 
@@ -77,7 +77,7 @@ _SORT_CODE = re.compile(rf"(?<!\d)\d{{2}}({_DASH_OR_SPACE})\d{{2}}\1\d{{2}}(?!\d
 _SORT_CONTEXT = re.compile(rf"{_NOT_LETTER_BEFORE}(?:sort[\s_-]*code|s/c|sc|bank\s*code)s?{_NOT_LETTER_AFTER}"
                            rf"{_GAP}(?<!\d)(?P<digits>{_ANY_GROUPING})", re.IGNORECASE)
 _ACCOUNT_CONTEXT = re.compile(
-    rf"{_NOT_LETTER_BEFORE}(?:my)?(?:account|acct|acc|a/c)s?{_NOT_LETTER_AFTER}{_GAP}(?<!\d)(?P<digits>{_ANY_GROUPING})",
+    rf"{_NOT_LETTER_BEFORE}(?:my)?(?:account|acct|acc|a/c|routing)s?{_NOT_LETTER_AFTER}{_GAP}(?<!\d)(?P<digits>{_ANY_GROUPING})",
     re.IGNORECASE)
 _PHONE_CONTEXT = re.compile(
     rf"{_NOT_LETTER_BEFORE}(?:phone|tel|telephone|mobile|cell|call|ring|text|whatsapp|landline|number|fax)(?:s|ed|ing)?"
