@@ -85,6 +85,12 @@ class LockedError(InstallError):
     """Another bankllm process holds the lock."""
 
 
+class AuditChainError(BankllmError):
+    """An audit log's hash chain is broken: a line was edited, removed, inserted or reordered."""
+
+    exit_code = 1
+
+
 def format_error(err: BaseException) -> str:
     """One line: what went wrong, then how to fix it."""
     if isinstance(err, BankllmError):

@@ -93,7 +93,12 @@ class Settings:
     require_keys: bool = field(default=True, metadata=_doc("Require an API key on every route but /health."))
     audit_log: Path | None = field(default=None, metadata=_doc("JSON-lines audit log file (default: standard error)."))
     audit_include_text: bool = field(default=False, metadata=_doc(
-        "Record prompt and completion text in the audit log, with card numbers, IBANs, accounts, e-mails and phones masked."))
+        "Record prompt and completion text in the audit log, with card numbers, IBANs, account numbers, sort codes, "
+        "CVV/PIN codes, e-mails, phones and SSNs masked (appliance/service/masking.py lists the categories)."))
+    # audit trail (chained lines, rotation): appliance/service/audit.py
+    audit_rotate_bytes: int = field(default=100 * 1024 * 1024, metadata=_doc(
+        "Start a new audit log file when the current one would grow past this many bytes (0 = never): the full one "
+        "is renamed <audit_log>.N (N = 1 the oldest) and the hash chain carries on in a new file."))
     conversation_turns: int = field(default=10, metadata=_doc("Turns of history kept per banking conversation."))
     conversation_ttl_s: float = field(default=1800.0, metadata=_doc("A banking conversation idle this long is forgotten."))
     system_prompt: str = field(default=(

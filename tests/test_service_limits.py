@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ MSG = [{"role": "user", "content": "Tell me about bank accounts."}]
 def tight(tmp_path_factory):
     """One slot, one waiting place, 256-token context, 64-token cap, 4 KiB bodies, text in the audit log."""
     env = {"BANKLLM_N_SEQ_MAX": "1", "BANKLLM_QUEUE_MAX": "1", "BANKLLM_SEQ_CTX": "256",
-           "BANKLLM_MAX_TOKENS_CAP": "64", "BANKLLM_MAX_BODY_BYTES": "4096", "BANKLLM_AUDIT_INCLUDE_TEXT": "1"}
+           "BANKLLM_MAX_TOKENS_CAP": "64", "BANKLLM_MAX_BODY_BYTES": "4096", "BANKLLM_AUDIT_INCLUDE_TEXT": "1",
+           "BANKLLM_AUDIT_ROTATE_BYTES": "4096"}
     with running_server(tmp_path_factory.mktemp("tight"), env=env) as srv:
         yield srv
 
@@ -111,11 +113,23 @@ def test_audit_text_is_masked_when_enabled(tight):
             break
         time.sleep(0.05)
     record = records[-1]
+    files = sorted(tight.audit_log.parent.glob(tight.audit_log.name + "*"))
+    # The chain's hashes and the build id are hex: a "4111" there is no leak.
+    every = re.sub(r'"(prev|build)":"[^"]*"', "", "".join(p.read_text() for p in files))
     for raw in ("4111", "DE89370400440532013000", "ana.silva@example.com", "7946", "12345678"):
-        assert raw not in audit
+        assert raw not in every
     for mark in ("[CARD]", "[IBAN]", "[EMAIL]", "[PHONE]", "[ACCOUNT]"):
         assert mark in record["prompt"]
     assert "completion" in record
+    # Every line this server wrote (concurrent requests of the earlier tests too) chains, across its rotated files.
+    with tight.http(key=None) as c:
+        for _ in range(40):  # cheap lines (401s) to pass the 4 KiB rotation size
+            assert c.get("/v1/models").status_code == 401
+    files = sorted(tight.audit_log.parent.glob(tight.audit_log.name + "*"))
+    proc = subprocess.run([sys.executable, "-m", "appliance", "audit", "verify", *map(str, files)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("audit chain intact: "), proc.stderr
+    assert len(files) >= 2 and f"in {len(files)} file(s), seq 0.." in proc.stdout
 
 
 def test_revoked_key_is_refused_at_once(tight):

@@ -44,6 +44,8 @@ def _register() -> None:
     for module in (build_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd, eval_cmd, settings_cmd, answers_cmd,
                    sign_cmd):
         module.register(cli)
+    from . import audit_cmd  # the audit trail's verifier
+    audit_cmd.register(cli)
     # The jobs: library output to a log file, bankllm's own progress on the terminal (console.py).
     for name in ("train", "build", "eval", "install", "bundle"):
         cli.commands[name].callback = job(name)(cli.commands[name].callback)

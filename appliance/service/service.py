@@ -12,7 +12,7 @@ from typing import Callable
 from ..errors import ConfigError
 from ..settings import Settings
 from .assistant import OUT_OF_SCOPE
-from .audit import AuditLog
+from .audit import AuditLog, build_id_of
 from .conversations import Conversations
 from .errors import APIError, NotFoundError
 from .keys import KeyStore
@@ -106,7 +106,8 @@ class Service:
                               "create one with `bankllm keys create --name NAME` (or set require_keys = false "
                               "for a loopback-only test)")
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
-        self.audit = AuditLog(settings.audit_log, settings.audit_include_text)
+        self.audit = AuditLog(settings.audit_log, settings.audit_include_text, build_id_of(self.files),
+                              settings.audit_rotate_bytes)  # opened (and its chain resumed) by start()
         self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s)
         self.labels: list[str] = self.files.labels
         self.label_set = set(self.labels)
@@ -126,6 +127,7 @@ class Service:
 
     def start(self) -> None:
         """Load the model and build what depends on its vocabulary."""
+        self.audit.open()  # first: a log another process writes is refused before the model loads
         self.engine = self.engine_factory(self.settings, self.files.gguf)
         self.metrics.bind_engine(self.engine)
         self.template = ChatTemplate(self.engine.chat_template(), self.engine.bos_token, self.engine.eos_token)
