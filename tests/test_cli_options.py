@@ -44,6 +44,8 @@ FLAGS = {
     ("rollback",): ["--user", "--root"],
     ("uninstall",): ["--user", "--root", "--purge"],
     ("settings",): ["--config", "--json"],
+    ("export",): ["--format", "--out", "--build", "--adapter", "--adapter-sha256", "--base", "--name", "--max-lora-rank",
+                  "--config"],
 }
 
 

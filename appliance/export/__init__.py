@@ -1,0 +1,1 @@
+"""Exports of a build for other engines (vLLM)."""

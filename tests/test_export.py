@@ -1,0 +1,166 @@
+"""`bankllm export --format vllm`: the export loads offline in transformers and peft, equals the merge, renders the
+GGUF's prompt, is reproducible, and its launch kit parses and points at its own files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ChecksumError, InputError
+from appliance.export.vllm import MANIFEST, MOUNT, VLLM_LORA_RANKS, export_vllm, max_lora_rank_for
+from appliance.settings import Settings
+from tests.conftest import CACHE, REPO, _digest, run_cli
+
+ADAPTER = REPO / "build" / "default" / "adapter"
+PROMPTS = ["I lost my card, what do I do?", "Why was my card payment declined?", "How do I top up by bank transfer?"]
+
+
+@pytest.fixture(scope="module")
+def exported(base_dir, shared_data_dir, tmp_path_factory) -> Path:
+    """The default adapter exported through the CLI, in a network namespace with no network."""
+    out = tmp_path_factory.mktemp("export") / "vllm"
+    env = {**os.environ, "BANKLLM_DATA_DIR": str(shared_data_dir)}
+    proc = run_cli("export", "--format", "vllm", "--out", out, "--base", base_dir, "--adapter", ADAPTER,
+                   env=env, netns=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "launch/serve-merged.sh" in proc.stdout
+    return out
+
+
+def _offline_env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def test_export_holds_every_file_with_its_hash(exported):
+    manifest = json.loads((exported / MANIFEST).read_text())["files"]
+    on_disk = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(manifest) == on_disk
+    for rel, digest in manifest.items():
+        assert hashlib.sha256((exported / rel).read_bytes()).hexdigest() == digest, rel
+    for rel in ("model/model.safetensors", "model/config.json", "model/generation_config.json", "model/tokenizer.json",
+                "base/model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                "labels.json", "bankllm-task.json", "answers.toml"):
+        assert rel in manifest, rel
+    config = json.loads((exported / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_transformers_loads_it_offline_and_peft_gives_the_same_weights_and_logits(exported, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline_env(monkeypatch)
+    merged = AutoModelForCausalLM.from_pretrained(exported / "model", dtype=torch.float32)  # its bf16 weights, upcast
+    tok = AutoTokenizer.from_pretrained(exported / "model")
+    base = AutoModelForCausalLM.from_pretrained(exported / "base", dtype=torch.float32)
+    lora = PeftModel.from_pretrained(base, exported / "adapter")
+    with torch.no_grad():
+        batch = tok([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in PROMPTS],
+                    return_tensors="pt", padding=True)
+        unmerged_logits = lora(**batch).logits
+        merged_logits = merged(**batch).logits
+        # The unmerged pair (base + adapter) folded in with peft, in the base's dtype, is the merged checkpoint,
+        # weight for weight and bit for bit.
+        folded = lora.merge_and_unload(safe_merge=True).to(torch.bfloat16).state_dict()
+        ref = AutoModelForCausalLM.from_pretrained(exported / "model", dtype=torch.bfloat16).state_dict()
+        assert set(folded) == set(ref)
+        for name, tensor in folded.items():
+            if name.endswith(".weight"):
+                assert torch.equal(tensor, ref[name]), name
+    # Against the adapter applied unmerged in fp32 the merged bf16 model differs only by bf16 rounding.
+    mask = batch["attention_mask"].bool()
+    agree = (merged_logits.argmax(-1) == unmerged_logits.argmax(-1))[mask].float().mean().item()
+    diff = (merged_logits - unmerged_logits).abs()[mask].max().item()
+    print(f"merged (bf16 weights) vs base + LoRA unmerged (fp32): top-1 {agree:.4f}, max |logit diff| {diff:.3f}")
+    assert agree >= 0.9 and diff < 2.0
+
+
+def test_chat_template_renders_the_ggufs_prompt(exported, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from appliance.pipeline.convert import convert_to_gguf
+    from appliance.service.prompting import ChatTemplate
+
+    convert_to_gguf(exported / "model", tmp_path / "model-f16.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "model-f16.gguf"))
+    template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    tok = AutoTokenizer.from_pretrained(exported / "model")
+    rendered = ChatTemplate(template, tok.bos_token or "", tok.eos_token or "")
+    for messages in ([{"role": "user", "content": PROMPTS[0]}],
+                     [{"role": "system", "content": "You are a bank's assistant."},
+                      {"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": "Sorry to hear."},
+                      {"role": "user", "content": PROMPTS[2]}]):
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered.render(messages)
+
+
+def test_launch_kit_parses_and_points_at_the_export(exported):
+    import yaml
+
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in (exported / "launch" / "k8s").glob("*.yaml")}
+    assert set(docs) == {"deployment.yaml", "service.yaml", "pvc.yaml"}
+    container = docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    argv = container["command"] + container["args"]
+    assert argv[:2] == ["vllm", "serve"] and argv[2] == f"{MOUNT}/model"
+    assert (exported / argv[2][len(MOUNT) + 1:] / "config.json").is_file()
+    assert argv[argv.index("--served-model-name") + 1] == "bankllm"
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
+    assert container["volumeMounts"][0]["mountPath"] == MOUNT
+    claim = docs["deployment.yaml"]["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["pvc.yaml"]["metadata"]["name"]
+    assert docs["service.yaml"]["spec"]["selector"] == docs["deployment.yaml"]["spec"]["selector"]["matchLabels"]
+    for script in ("serve-merged.sh", "serve-lora.sh"):
+        path = exported / "launch" / script
+        assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
+        assert os.access(path, os.X_OK) and "HF_HUB_OFFLINE=1" in path.read_text()
+    lora = (exported / "launch" / "serve-lora.sh").read_text()
+    assert '--lora-modules "bankllm-lora=$MODEL_DIR/adapter"' in lora and "--max-lora-rank 16" in lora
+    assert (exported / "adapter" / "adapter_config.json").is_file() and (exported / "base" / "config.json").is_file()
+    # The scripts refuse to start without the API key rather than serve an open endpoint.
+    run = subprocess.run(["sh", str(exported / "launch" / "serve-merged.sh")], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"]})
+    assert run.returncode != 0 and "VLLM_API_KEY" in run.stderr
+
+
+def test_the_same_inputs_export_the_same_bytes(exported, base_dir, shared_data_dir, tmp_path):
+    again = export_vllm(Settings(data_dir=shared_data_dir), tmp_path / "again", base=base_dir, adapter=str(ADAPTER))
+    assert (again.out_dir / MANIFEST).read_bytes() == (exported / MANIFEST).read_bytes()
+
+
+def test_bad_inputs_fail_in_one_line_and_leave_nothing(base_dir, shared_data_dir, tmp_path):
+    settings = Settings(data_dir=shared_data_dir)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        export_vllm(settings, full, base=base_dir, adapter=str(ADAPTER))
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    with pytest.raises(InputError, match="exceeds --max-lora-rank 8"):
+        export_vllm(settings, tmp_path / "r8", base=base_dir, adapter=str(ADAPTER), max_lora_rank=8)
+    with pytest.raises(InputError, match="not one vLLM accepts"):
+        export_vllm(settings, tmp_path / "r12", base=base_dir, adapter=str(ADAPTER), max_lora_rank=12)
+    assert [max_lora_rank_for(r) for r in (4, 16, 17, 300, 512)] == [8, 16, 32, 320, 512]
+    with pytest.raises(InputError, match="exceeds vLLM's largest"):
+        max_lora_rank_for(VLLM_LORA_RANKS[-1] + 1)
+    assert not [p for p in tmp_path.iterdir() if p.name != "full"]
+
+
+def test_a_build_whose_base_changed_is_refused(base_dir, shared_data_dir, tmp_path):
+    build = tmp_path / "build"
+    build.mkdir()
+    report = {"schema": 1, "build_id": "x", "inputs_digest": "x", "steps": [], "outputs": {},
+              "base": {"path": str(base_dir), "sha256_tree": "0" * 64},
+              "adapter": {"path": str(ADAPTER), "sha256": "0" * 64}}
+    (build / "build-report.json").write_text(json.dumps(report))
+    with pytest.raises((ChecksumError, InputError)):
+        export_vllm(Settings(data_dir=shared_data_dir), tmp_path / "out", build=build)
+    assert not (tmp_path / "out").exists()
