@@ -84,6 +84,9 @@ class Settings:
     n_seq_max: int = field(default=8, metadata=_doc("Most sequences decoded together (continuous batching slots); each has its own KV stream of seq_ctx tokens."))
     seq_ctx: int = field(default=2048, metadata=_doc("Most tokens (prompt + completion) of one sequence."))
     queue_max: int = field(default=64, metadata=_doc("Requests allowed to wait for a slot; more get 503."))
+    gpu_layers: int = field(default=0, metadata=_doc(
+        "Model layers libllama offloads to a GPU (0: CPU only; -1: all). Needs llama-cpp-python built with a GPU "
+        "backend (`bankllm doctor` says whether it is)."))
     max_tokens_cap: int = field(default=1024, metadata=_doc("Largest max_tokens a request may ask for."))
     max_body_bytes: int = field(default=256 * 1024, metadata=_doc("Largest request body accepted."))
     request_timeout_s: float = field(default=120.0, metadata=_doc("A request still running after this is cancelled (504)."))
@@ -197,6 +200,8 @@ class Settings:
                               "set gate_ship_below, gate_warn_below, gate_escalate_below in increasing order")
         if self.gate_n_ctx < 16:
             raise ConfigError(f"gate_n_ctx={self.gate_n_ctx} is too small", "use at least 16 (512 is the default)")
+        if self.gpu_layers < -1:
+            raise ConfigError(f"gpu_layers={self.gpu_layers} is not a layer count", "use 0 (CPU), N layers, or -1 (all)")
         if self.chat_mode not in ("approved", "generative"):
             raise ConfigError(f"chat_mode={self.chat_mode!r} is not a mode", "set chat_mode to 'approved' or 'generative'")
         if self.answer_threshold is not None and not (0.0 <= self.answer_threshold <= 1.0):

@@ -110,7 +110,10 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
 @click.option("--sign", "sign_key", type=PATH, help="The bank's ed25519 private key (`bankllm sign keygen`): signs the "
                                                     "build directory and the bundle's manifest.")
 def bundle(build_dir, wheelhouse, base, adapter, adapter_sha256, quant, config, out, sign_key, **train):
-    """Make the air-gap bundle: wheelhouse for this Python and platform, the built model, a sha256 manifest."""
+    """Make the air-gap bundle: wheelhouse for this Python and platform, the built model, a sha256 manifest.
+
+    For GPU offload (gpu_layers), build llama-cpp-python's wheel with a GPU backend on the bundling machine:
+    CMAKE_ARGS="-DGGML_CUDA=on" bankllm bundle ... (it needs the CUDA toolkit there; the wheel carries libllama)."""
     from ..fsutil import sha256_file
     from ..install.bundle import bootstrap_lines, make_bundle
 

@@ -80,6 +80,18 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def gpu_finding(gpu_layers: int) -> Finding:
+    """Whether this llama-cpp-python can offload to a GPU, against what `gpu_layers` asks for."""
+    import llama_cpp
+
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    what = f"GPU offload: llama-cpp-python {'has a' if gpu else 'has no'} GPU backend; gpu_layers = {gpu_layers}"
+    if gpu_layers and not gpu:
+        return Finding("fail", what, "set gpu_layers = 0, or install llama-cpp-python built with "
+                                     "CMAKE_ARGS='-DGGML_CUDA=on' (see the README's GPU section)")
+    return Finding("ok", what)
+
+
 def doctor(settings: Settings, layout: Layout) -> list[Finding]:
     """Check the machine and the install; each finding carries its fix."""
     found: list[Finding] = []
@@ -94,6 +106,8 @@ def doctor(settings: Settings, layout: Layout) -> list[Finding]:
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni") if f in flags]
     found.append(Finding("ok" if "avx2" in flags else "warn", f"CPU features: {', '.join(simd) or 'no AVX2'}",
                          "" if "avx2" in flags else "expect slow generation; use a CPU with AVX2"))
+
+    found.append(gpu_finding(settings.gpu_layers))
 
     model = layout.host(layout.current / MODEL_FILE)
     size = model.stat().st_size if model.is_file() else 0

@@ -72,13 +72,14 @@ class Engine:
 
     def __init__(self, model_path: Path, *, n_seq_max: int = 8, seq_ctx: int = 2048,
                  threads: int = 2, queue_max: int = 64, n_batch: int = 512,
-                 adapters: dict[str, Path] | None = None):
+                 adapters: dict[str, Path] | None = None, gpu_layers: int = 0):
         model_path = Path(model_path)
         if not model_path.is_file():
             raise InputError(f"model file {model_path} does not exist", "pass --model a GGUF file or a build directory")
         libllama.quiet_logs()  # libllama prints per-load chatter to stderr otherwise
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = gpu_layers if gpu_layers >= 0 else 2**31 - 1  # libllama: more than the model has = all
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
             raise InputError(f"{model_path} could not be loaded as a GGUF model",
