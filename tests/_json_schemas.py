@@ -242,6 +242,8 @@ REFUSED = [
     ({"type": "integer", "minimum": 10, "maximum": 5}, "bounds"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "$ref"),
     ({"type": "object", "properties": {"a\nb": {"not": {}}}}, "not"),
+    ({"type": "string", "pattern": "^((a?){20}){20}$"}, "empty string"),  # hangs llama.cpp's grammar engine
+    ({"type": "string", "pattern": "^(?:[a-z]*[0-9]*)*$"}, "empty string"),
 ]
 
 

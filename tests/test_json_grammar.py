@@ -154,6 +154,16 @@ def test_unsupported_schemas_are_refused_naming_the_keyword(schema, word):
     assert word in msg and "\n" not in msg and err.value.status == 400 and err.value.param == "response_format", msg
 
 
+def test_largest_bounds_compile(engine):
+    """Counts up to MAX_REPEAT on compound items compile (llama.cpp caps repeated symbols times count at 2000)."""
+    schema = {"type": "array", "maxItems": 2000, "items": {"type": "object", "properties": {
+        "a": {"type": "string", "maxLength": 2000}, "b": {"type": "string", "pattern": "^(ab|c[0-9]){1,2000}$"}},
+        "required": ["a"]}}
+    grammar = schema_to_gbnf(schema)
+    assert engine.accepts(grammar, '[' + ",".join(['{"a":"' + "x" * 1999 + '","b":"abc1"}'] * 3) + "]")
+    assert not engine.accepts(grammar, '[{"a":"' + "x" * 2001 + '"}]')
+
+
 def test_json_object_grammar(engine):
     grammar = any_object_gbnf()
     for text in ['{}', '{"a":[1,{"b":null}],"c":"x\\ny"}', '{ "k" : -0.5e-3 }']:

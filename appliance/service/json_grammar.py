@@ -293,6 +293,9 @@ class _Regex:
                 raise _refuse(self.path, f"`pattern` repeats more than {MAX_REPEAT} times")
             if atom[0] == "rep":
                 raise self.fail("a repeated repetition")
+            if _lengths(atom)[0] == 0 and (hi is None or hi > 1):
+                # llama.cpp explores every way an empty-matching part can repeat: (a?){20}{20} hangs a request.
+                raise self.fail("a repeated part that can match the empty string")
             atom = ("rep", atom, lo, hi)
 
     def atom(self):
@@ -486,6 +489,16 @@ class _Converter:
         self.rules[name] = body
         self.by_body[body] = name
         return name
+
+    def rep(self, expr: str, lo: int, hi: int | None) -> str:
+        """expr repeated; a compound expr becomes its own rule first, because llama.cpp refuses a repetition whose
+        count times the repeated symbols exceeds 2000."""
+        if not re.fullmatch(r"[a-zA-Z0-9-]+", expr):
+            if max(lo, hi or 0) > 1:
+                expr = self.rule("item", expr)
+            elif not re.fullmatch(r'\[[^\]]*\]|"[^"\\]*"', expr):
+                expr = f"({expr})"
+        return _repeat(expr, lo, hi)
 
     def grammar(self, root_expr: str) -> str:
         lines = [f"root ::= {root_expr}"] + [f"{name} ::= {body}" for name, body in self.rules.items()]
@@ -693,9 +706,7 @@ class _Converter:
         if kind == "alt":
             return _alts([self.node(b, path) for b in node[1]])
         inner = self.node(node[1], path)
-        if not (inner.startswith("(") or re.fullmatch(r"[\w-]+|\[[^\]]*\]|\"[^\"]*\"", inner)):
-            inner = f"({inner})"
-        return _repeat(inner, node[2], node[3]) or '""'
+        return self.rep(inner, node[2], node[3]) or '""'
 
     def charset(self, cs: _Set, path: str) -> str:
         """One string character of the class, as JSON writes it (raw, or escaped where JSON requires)."""
@@ -834,12 +845,12 @@ class _Converter:
             body = head
         elif not elems:
             first = f"{item} ws"
-            more = _repeat(f'("," ws {item} ws)', max(rest_min - 1, 0), None if rest_max is None else rest_max - 1)
+            more = self.rep(f'"," ws {item} ws', max(rest_min - 1, 0), None if rest_max is None else rest_max - 1)
             body = f"{first} {more}".strip()
             if rest_min == 0:
                 body = f"({body})?"
         else:
-            more = _repeat(f'("," ws {item} ws)', rest_min, rest_max)
+            more = self.rep(f'"," ws {item} ws', rest_min, rest_max)
             body = f"{head} {more}".strip()
         return self.rule("arr", f'"[" ws {body} "]"'.replace("  ", " "))
 
