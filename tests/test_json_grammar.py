@@ -164,6 +164,15 @@ def test_largest_bounds_compile(engine):
     assert not engine.accepts(grammar, '[{"a":"' + "x" * 2001 + '"}]')
 
 
+def test_reference_cycles_do_not_compile(engine):
+    """A $ref cycle that consumes nothing is left recursion: llama.cpp refuses it, so the engine's check_grammar
+    answers 400 before any decoding."""
+    schema = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+              "$ref": "#/$defs/a"}
+    smpl = llama_cpp.llama_sampler_init_grammar(engine.vocab, schema_to_gbnf(schema).encode(), b"root")
+    assert not smpl
+
+
 def test_json_object_grammar(engine):
     grammar = any_object_gbnf()
     for text in ['{}', '{"a":[1,{"b":null}],"c":"x\\ny"}', '{ "k" : -0.5e-3 }']:

@@ -563,9 +563,7 @@ class _Converter:
             return self.literals(s, types, constraining, path)
         if types is None:
             # No type: the keywords present say which kinds of value they constrain; output one of those kinds.
-            kw = set(constraining)
-            types = [t for t, keys in (("object", OBJECT_KW), ("array", ARRAY_KW), ("string", STRING_KW),
-                                       ("number", NUMBER_KW - {"format"})) if kw & keys]
+            types = _inferred_types(s)
             if not types:
                 return "value"
         return _alts([self.typed(t, s, path) for t in dict.fromkeys(types)])
@@ -658,6 +656,10 @@ class _Converter:
             return self.rule("str", f'"\\"" {_repeat("char", min_len, max_len)} "\\""')
         if not isinstance(pattern, str):
             raise _refuse(path, "`pattern` must be a string")
+        try:
+            re.compile(pattern)  # jsonschema matches with Python's re: a pattern it cannot compile is no schema
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise _refuse(path, f"`pattern` is not a valid regular expression ({exc})") from None
         return self.rule("pattern", f'"\\"" {self.pattern(pattern, min_len, max_len, path)} "\\""')
 
     def pattern(self, pattern: str, min_len: int, max_len: int | None, path: str) -> str:
@@ -749,9 +751,7 @@ class _Converter:
             v = math.ceil(b["exclusiveMaximum"]) - 1
             hi = v if hi is None else min(hi, v)
         fmt = s.get("format")
-        if fmt is not None:
-            if fmt not in ("int32", "int64"):
-                raise _refuse(path, f"`format` {fmt!r} on an integer is not supported (int32, int64 are)")
+        if fmt in ("int32", "int64"):  # other formats do not apply to numbers (jsonschema checks none on them)
             bits = 31 if fmt == "int32" else 63
             lo = -(2 ** bits) if lo is None else max(lo, -(2 ** bits))
             hi = 2 ** bits - 1 if hi is None else min(hi, 2 ** bits - 1)
@@ -764,8 +764,6 @@ class _Converter:
         return self.rule("int", int_range(lo, hi))
 
     def number(self, s: dict, path: str) -> str:
-        if "format" in s:
-            raise _refuse(path, f"`format` {s['format']!r} on a number is not supported")
         b = self._bounds(s, path)
         if not b:
             return "number"
@@ -862,7 +860,9 @@ class _Converter:
         required = s.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise _refuse(path, "`required` must be a list of names")
-        addl = s.get("additionalProperties", True)
+        # With no applicator beside it (anyOf/allOf/$ref next to properties are refused), unevaluatedProperties
+        # governs the same properties additionalProperties would.
+        addl = s.get("additionalProperties", s.get("unevaluatedProperties", True))
         if not isinstance(addl, (bool, dict)):
             raise _refuse(path, "`additionalProperties` must be a boolean or a schema")
         props = dict(props)
@@ -935,7 +935,9 @@ class _Converter:
                 kinds |= {"int"} if "integer" in t else ({"frac"} if t == {"number"} else t)
             return {"kinds": kinds, "values": {_canon(v) for v in vals}, "tags": {}}
         types = s.get("type")
-        types = [types] if isinstance(types, str) else (types or ALL_TYPES)
+        types = [types] if isinstance(types, str) else types
+        if not types:
+            types = _inferred_types(s) or ALL_TYPES
         kinds = set()
         for t in types:
             kinds |= {"integer": {"int"}, "number": {"int", "frac"}}.get(t, {t})
@@ -948,6 +950,13 @@ class _Converter:
                     if info["values"] is not None:
                         tags[name] = info["values"]
         return {"kinds": kinds, "values": None, "tags": tags}
+
+
+def _inferred_types(s: dict) -> list[str]:
+    """The kinds of value a schema without `type` is written as: those its keywords constrain."""
+    kw = set(s)
+    return [t for t, keys in (("object", OBJECT_KW), ("array", ARRAY_KW), ("string", STRING_KW),
+                              ("number", NUMBER_KW - {"format"})) if kw & keys]
 
 
 def _disjoint(a: dict, b: dict) -> bool:
