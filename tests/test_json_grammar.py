@@ -164,6 +164,34 @@ def test_largest_bounds_compile(engine):
     assert not engine.accepts(grammar, '[{"a":"' + "x" * 2001 + '"}]')
 
 
+def test_malformed_utf8_never_enters_a_string(engine):
+    """Byte tokens that would decode (in Python) to U+FFFD or a surrogate are refused inside strings: a surrogate's
+    bytes, a lone continuation byte, overlong forms; a real two-byte character is admitted."""
+    byte_token = {}
+    for t in range(engine.n_vocab):
+        piece = engine.piece(t)
+        if len(piece) == 1 and piece[0] >= 0x80:
+            byte_token[piece[0]] = t
+    grammar = schema_to_gbnf({"type": "string", "maxLength": 1})
+    quote = engine.tokens('"')
+
+    def admits(raw: bytes) -> bool:
+        smpl = engine.compile(grammar)
+        try:
+            for t in quote + [byte_token[b] for b in raw] + quote:
+                if not engine.allowed(smpl, [t]):
+                    return False
+                llama_cpp.llama_sampler_accept(smpl, t)
+            return bool(engine.allowed(smpl, [engine.eos]))
+        finally:
+            llama_cpp.llama_sampler_free(smpl)
+
+    assert admits("é".encode())
+    for raw in (b"\xed\xa0\x80", b"\xa9", b"\xe0\x81\x81", b"\xe0\x80\x80", b"\xc3"):
+        assert all(b in byte_token for b in raw), raw
+        assert not admits(raw), raw
+
+
 def test_reference_cycles_do_not_compile(engine):
     """A $ref cycle that consumes nothing is left recursion: llama.cpp refuses it, so the engine's check_grammar
     answers 400 before any decoding."""

@@ -8,11 +8,14 @@ enforced exactly by the grammar or the schema is refused (GrammarError, a 400 na
 The grammar may admit a subset of the valid documents, never a superset. Supported (draft 2020-12 keywords):
   - type (a name or a list: ["string", "null"] is how a field is made nullable), enum, const (any JSON values)
   - string: minLength, maxLength, pattern (a regex subset, below), format date, time, date-time, uuid, email, ipv4
-  - integer: minimum, maximum, exclusiveMinimum, exclusiveMaximum (any integers), format int32/int64
-  - number: the same bounds when they are whole numbers (a bounded number is written without an exponent)
+  - integer: minimum, maximum, exclusiveMinimum, exclusiveMaximum (any integers), format int32/int64 (other formats
+    do not apply to numbers: jsonschema checks none)
+  - number: the same bounds when they are whole numbers (a bounded number is written without an exponent and with
+    at most 15 significant digits, so no decimal rounds onto an exclusive bound)
   - boolean, null
   - array: items, prefixItems, minItems, maxItems (uniqueItems only when maxItems <= 1)
-  - object: properties, required, additionalProperties (false, true, absent or a schema). Objects with declared
+  - object: properties, required, additionalProperties (false, true, absent or a schema; unevaluatedProperties
+    stands in for it when it is absent, as no applicator may sit beside properties). Objects with declared
     properties are written with exactly those, in declared order, required ones always, optional ones when the
     model chooses; an object with no properties and a schema for additionalProperties is a map with string keys
   - anyOf; oneOf when its branches are provably disjoint (different JSON types, disjoint enum/const sets, or
@@ -25,10 +28,15 @@ quantifiers * + ? {n} {n,} {n,m} (lazy forms too), ^ and $ at the ends of a top-
 enforced as their ASCII part (a subset of Python's Unicode classes, which is what jsonschema uses).
 Refused: not, if/then/else, multipleOf, uniqueItems, contains, patternProperties, propertyNames, dependent*,
 min/maxProperties, unevaluatedItems, $dynamicRef, OpenAPI's nullable, other formats, lookarounds, backreferences,
-word boundaries, repetition bounds above MAX_REPEAT, fractional bounds on numbers, unknown keywords.
+word boundaries, inline flags, a repeated part that can match the empty string ((a?)* hangs llama.cpp's grammar
+engine), patterns Python's re cannot compile, repetition bounds above MAX_REPEAT, fractional bounds on numbers,
+keywords beside $ref/anyOf/oneOf/allOf (an intersection the grammar cannot build), unknown keywords.
+A $ref cycle that consumes nothing (left recursion) is refused by llama.cpp's compiler: check_grammar's 400.
 
-Strings: no raw control characters, only JSON's escapes, no \\u escape of a surrogate, no raw DEL. Whitespace
-between tokens is bounded (one space or one newline plus up to 20 spaces/tabs) so a model cannot pad forever.
+Strings: no raw control characters, only JSON's escapes, no \\u escape of a surrogate, no raw DEL; llama.cpp
+itself refuses malformed UTF-8 (lone continuation bytes, overlong forms) and the char class excludes surrogates, so
+the text Python decodes is the text the grammar checked. Whitespace between tokens is bounded (one space, or one
+newline and up to 20 spaces/tabs) so a model cannot pad forever.
 """
 
 from __future__ import annotations

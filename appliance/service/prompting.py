@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..artifacts import DEFAULT_SYSTEM_PROMPT
