@@ -256,6 +256,7 @@ REFUSED = [
     ({"type": "integer", "minimum": 10, "maximum": 5}, "bounds"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "$ref"),
     ({"type": "object", "properties": {"a\nb": {"not": {}}}}, "not"),
+    ({"anyOf": [{"const": i} for i in range(40)]}, "branches"),
     ({"type": "string", "pattern": "^[a-"}, "not a valid regular expression"),
     ({"type": "string", "pattern": "^[\\d-z]$"}, "pattern"),
     ({"type": "string", "pattern": "^\\p{L}+$"}, "pattern"),

@@ -201,6 +201,17 @@ def test_reference_cycles_do_not_compile(engine):
     assert not smpl
 
 
+def test_large_enum_is_exact(engine):
+    """Enum values become a prefix tree (one grammar path per prefix): still exactly the listed values."""
+    values = [f"acct-{i}" for i in range(990)] + ["acct", "", "a\"b\\c\n", 5, 5.5, None, [1, "x"], {"k": True}]
+    grammar = schema_to_gbnf({"enum": values})
+    rng = random.Random(3)
+    for v in rng.sample(values[:990], 20) + values[990:]:
+        assert engine.accepts(grammar, json.dumps(v, separators=(",", ":"))), v
+    for text in ['"acct-990"', '"acct-"', '"acct-01"', '"ac"', "55", "5.", '[1,"x",2]', '{"k":false}', '"a\"b"']:
+        assert not engine.accepts(grammar, text), text
+
+
 def test_json_object_grammar(engine):
     grammar = any_object_gbnf()
     for text in ['{}', '{"a":[1,{"b":null}],"c":"x\\ny"}', '{ "k" : -0.5e-3 }']:

@@ -51,6 +51,9 @@ MAX_REPEAT = 2000  # llama.cpp's grammar parser refuses repetition counts above 
 MAX_DEPTH = 64  # nesting of the schema itself (a deeper one is refused, not recursed into)
 MAX_RULES = 4000  # grammar size: a schema needing more rules is refused
 MAX_ENUM = 1000
+# Branches llama.cpp follows side by side cost time on every token for every request in the batch (measured here:
+# 300 object branches, 0.7 s a token over the full vocabulary); enum values share one trie instead.
+MAX_BRANCHES = 32
 INT_LIMIT = 10 ** 16 - 1  # an integer with no bound on one side stays within 16 digits (a subset of valid)
 NUM_LIMIT = 10 ** 9 - 1  # a bounded number's open side stays within 9 integer digits (float rounding, below)
 
@@ -149,6 +152,33 @@ def _alts(parts: list[str]) -> str:
     if len(parts) == 1:
         return parts[0]
     return "(" + " | ".join(p if p else '""' for p in parts) + ")"
+
+
+def _trie(texts: list[str]) -> str:
+    """Alternatives of literal texts as a prefix tree: one grammar path per common prefix, so llama.cpp follows one
+    stack instead of one per value (1000 enum values sharing a prefix: 0.44 s a token as plain alternatives)."""
+    root: dict = {}
+    for text in dict.fromkeys(texts):
+        node = root
+        for ch in text:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # end of a text
+
+    def emit(node: dict) -> str:
+        alts = []
+        for ch, child in node.items():
+            if ch == "":
+                alts.append('""')
+                continue
+            run = ch
+            while len(child) == 1 and "" not in child:  # a chain without branches is one literal
+                (nxt, child), = child.items()
+                run += nxt
+            rest = emit(child) if child != {"": {}} else ""
+            alts.append(f"{gbnf_literal(run)} {rest}".strip())
+        return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
+
+    return emit(root)
 
 
 # ---------------------------------------------------------------- integer ranges as digit patterns
@@ -559,6 +589,9 @@ class _Converter:
                     if len(branches) != 1:
                         raise _refuse(path, "`allOf` of several schemas is not supported; merge them into one")
                     return self.value(branches[0], f"{path}/allOf/0")
+                if len(branches) > MAX_BRANCHES:
+                    raise _refuse(path, f"`{key}` has more than {MAX_BRANCHES} branches; use `enum` for many "
+                                        "constants")
                 if key == "oneOf":
                     self._check_disjoint(branches, path)
                 return _alts([self.value(b, f"{path}/{key}/{i}") for i, b in enumerate(branches)])
@@ -643,8 +676,8 @@ class _Converter:
                 text = json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             except ValueError:
                 raise _refuse(path, "`enum`/`const` holds a value that is not JSON") from None
-            out.append(gbnf_literal(text))
-        return _alts(out)
+            out.append(text)
+        return _trie(out)
 
     # ------------------------------------------------------------ strings
     def string(self, s: dict, path: str) -> str:
