@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import random
+import re
 
 import llama_cpp
 import pytest
@@ -269,3 +270,70 @@ def test_routes_refuse_unsupported_schema_and_stop(tmp_path):
         r = post({"type": "json_object"})
         assert r.status_code == 200, r.text
         assert json.loads(r.json()["choices"][0]["message"]["content"]) == {"a": 1}
+
+
+def _random_pattern(rng: random.Random, depth: int = 0) -> str:
+    def atom(d):
+        r = rng.random()
+        if d > 2 or r < 0.35:
+            return rng.choice(["a", "b", "1", "\\-", "\\.", '"', "\\\\", "\\n", " "])
+        if r < 0.5:
+            return rng.choice(["[ab]", "[^a]", "[a-c1]", "\\d", "\\w", "\\s", "\\D", "\\W", "\\S", ".", "[^\\d]", '[\\s"]'])
+        return ("(" if r < 0.75 else "(?:") + alt(d + 1) + ")"
+
+    def seq(d):
+        return "".join(atom(d) + rng.choice(["", "", "", "*", "+", "?", "{2}", "{1,3}", "{0,2}", "*?"])
+                       for _ in range(rng.randint(1, 3)))
+
+    def alt(d):
+        return "|".join(seq(d) for _ in range(rng.randint(1, 2)))
+
+    return rng.choice(["", "^"]) + alt(depth) + rng.choice(["", "$"])
+
+
+def test_random_patterns_admit_only_matching_strings(engine):
+    """Random patterns of the subset against random strings with quotes, backslashes and newlines: whatever the
+    grammar admits, Python's re.search (jsonschema's matcher) matches; nearly always they agree exactly (the rest:
+    `$` also matching before a final newline in Python)."""
+    rng = random.Random(11)
+    tried = agree = 0
+    for _ in range(300):
+        pattern = _random_pattern(rng)
+        try:
+            grammar = schema_to_gbnf({"type": "string", "pattern": pattern})
+        except GrammarError:
+            continue  # mostly repeated empty-matching parts, refused on purpose
+        for _ in range(25):
+            text = "".join(rng.choice('ab1-"\\. \n') for _ in range(rng.randint(0, 6)))
+            admitted = engine.accepts(grammar, json.dumps(text))
+            matches = bool(re.search(pattern, text))
+            assert matches or not admitted, (pattern, text)
+            tried += 1
+            agree += admitted == matches
+    assert tried >= 2000 and agree >= 0.98 * tried, (tried, agree)
+
+
+def test_random_number_bounds_admit_only_valid_numbers(engine):
+    import jsonschema
+
+    rng = random.Random(5)
+    tried = 0
+    for _ in range(150):
+        schema = {"type": rng.choice(["number", "integer"])}
+        for side in ("inimum", "aximum"):
+            if rng.random() < 0.7:
+                schema[rng.choice(["m", "exclusiveM"]) + side] = rng.randint(-300, 300)
+        try:
+            grammar = schema_to_gbnf(schema)
+        except GrammarError:
+            continue  # empty ranges
+        for _ in range(15):
+            v = round(rng.uniform(-400, 400), rng.choice([0, 1, 2, 6]))
+            text = rng.choice([str(int(v)), repr(v), f"{v:.3f}"])
+            valid = jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))
+            admitted = engine.accepts(grammar, text)
+            assert valid or not admitted, (schema, text)
+            plain = "e" not in text and (schema["type"] == "number" or "." not in text)
+            assert admitted or not valid or not plain, (schema, text)  # a plain in-range decimal is admitted
+            tried += 1
+    assert tried >= 1500
