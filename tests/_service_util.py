@@ -81,8 +81,9 @@ def running_server(tmp: Path, model: Path | None = None, env: dict | None = None
     key = create_key(keys_file, "tests")
     port = free_port()
     # The tests run as root outside systemd, which `bankllm serve` refuses unless told this root is confined.
-    full_env = dict(os.environ, BANKLLM_KEYS_FILE=str(keys_file), BANKLLM_AUDIT_LOG=str(audit_log),
-                    BANKLLM_THREADS="2", BANKLLM_PORT=str(port), BANKLLM_UNSAFE_SERVE_AS_ROOT="1", **(env or {}))
+    full_env = {**os.environ, "BANKLLM_KEYS_FILE": str(keys_file), "BANKLLM_AUDIT_LOG": str(audit_log),
+                "BANKLLM_THREADS": "2", "BANKLLM_PORT": str(port), "BANKLLM_UNSAFE_SERVE_AS_ROOT": "1",
+                **(env or {})}  # `env` may override any
     log = tmp / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--model", str(model or default_gguf())],

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from typing import Callable
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from ..artifacts import DEFAULT_SYSTEM_PROMPT
 from .errors import APIError, GrammarError
+from .json_grammar import any_object_gbnf, schema_to_gbnf
 
 # Used only when a GGUF carries no tokenizer.chat_template (SmolLM2 and most instruct models do).
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -88,19 +87,16 @@ class ChatTemplate:
 
 
 def grammar_for_response_format(fmt) -> str | None:
-    """GBNF for an OpenAI response_format (None for plain text)."""
+    """GBNF for an OpenAI response_format (None for plain text): our own converter (json_grammar), which admits
+    only valid JSON and refuses with 400 what it cannot enforce, not llama-cpp-python's json_schema_to_gbnf."""
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return JSON_GBNF
+        return any_object_gbnf()
     schema = fmt.json_schema.schema if fmt.json_schema is not None else None
     if not isinstance(schema, dict):
         raise GrammarError("response_format json_schema needs a `schema` object", param="response_format")
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises plain exceptions on unsupported schema features
-        raise GrammarError(f"the JSON schema could not be turned into a grammar ({exc}); simplify it",
-                           param="response_format") from None
+    return schema_to_gbnf(schema)
 
 
 def classify_messages(text: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict]:

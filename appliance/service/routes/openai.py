@@ -94,6 +94,9 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     svc.engine.check_fits(len(tokens), max_tokens)  # a prompt that cannot fit is reported before a grammar problem
     grammar = grammar_for_response_format(data.response_format)
     if grammar is not None:
+        if stops(data.stop):  # a stop string could cut the JSON short and still finish with "stop"
+            raise APIError("`stop` cannot be combined with a JSON response_format (a stop string would cut the "
+                           "JSON short); remove `stop`", param="stop")
         svc.engine.check_grammar(grammar)
     params = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, seed=data.seed,
                        stop=stops(data.stop), grammar=grammar)
