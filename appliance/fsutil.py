@@ -139,4 +139,4 @@ def require_free_disk(path: Path, needed_bytes: int, what: str) -> None:
     if free < needed_bytes:
         raise DiskSpaceError(
             f"not enough disk for {what}: {free / 1e9:.2f} GB free on {probe}, {needed_bytes / 1e9:.2f} GB needed",
-            f"free space there or choose another directory with --out")
+            "free space there or choose another directory with --out")

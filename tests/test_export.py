@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from appliance.errors import ChecksumError, InputError
 from appliance.export.vllm import MANIFEST, MOUNT, VLLM_LORA_RANKS, export_vllm, max_lora_rank_for
 from appliance.settings import Settings
-from tests.conftest import CACHE, REPO, _digest, run_cli
+from tests.conftest import REPO, run_cli
 
 ADAPTER = REPO / "build" / "default" / "adapter"
 PROMPTS = ["I lost my card, what do I do?", "Why was my card payment declined?", "How do I top up by bank transfer?"]

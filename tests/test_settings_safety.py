@@ -24,7 +24,7 @@ from appliance.install.layout import system_layout
 from appliance.service import keys, privileges
 from appliance.settings import Settings
 from tests._service_util import create_key, default_gguf
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.fast
 

@@ -93,8 +93,6 @@ def install(user, root, build_dir, wheelhouse, base, adapter, adapter_sha256, qu
     for line in summary(result, settings):
         click.echo(line)
     if foreground and layout.is_live and not no_start and not result.systemd:
-        import os
-
         from ..console import release
 
         argv = foreground_argv(layout)
