@@ -20,13 +20,15 @@ def serve(model, host, port, threads, keys_file, config):
     import uvicorn
 
     from ..service.app import create_app
+    from ..service.reload import serving
 
     settings = Settings.load(config=config, model=model, host=host, port=port, threads=threads, keys_file=keys_file)
     app = create_app(settings)
     click.echo(f"bankllm: serving {settings.model} as {settings.model_name!r} on http://{settings.host}:{settings.port}",
                err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning",
-                server_header=False, timeout_graceful_shutdown=10)
+    with serving(app.state["service"], settings.resolved_run_dir()):  # SIGHUP reloads the keys
+        uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning",
+                    server_header=False, timeout_graceful_shutdown=10)
 
 
 def register(cli: click.Group) -> None:
