@@ -52,6 +52,8 @@ def serving(service, run_dir: Path):
         service.reload()
 
     service.on_reload = on_reload
+    # Removed when the app stops: uvicorn re-raises the SIGTERM it caught, so code after it never runs.
+    service.on_stop = lambda: record_path(run_dir).unlink(missing_ok=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_record(service, run_dir)
@@ -63,7 +65,7 @@ def serving(service, run_dir: Path):
         yield
     finally:
         signal.signal(signal.SIGHUP, previous)
-        service.on_reload = None
+        service.on_reload = service.on_stop = None
         record_path(run_dir).unlink(missing_ok=True)
 
 

@@ -121,6 +121,7 @@ class Service:
         self.created = int(time.time())
         self.known_routes: set[str] = set()
         self.on_reload: Callable | None = None  # set by `bankllm serve` to refresh its run record
+        self.on_stop: Callable | None = None  # ... and to remove it (uvicorn ends on the re-raised SIGTERM)
 
     def keys_path(self) -> Path:
         """The key file to read: the copy a `systemctl reload` refreshed when there is one, else the configured one."""
@@ -166,9 +167,13 @@ class Service:
 
     def stop(self) -> None:
         self.ready = False
-        if self.engine is not None:
-            self.engine.close()
-        self.audit.close()
+        try:
+            if self.engine is not None:
+                self.engine.close()
+            self.audit.close()
+        finally:
+            if self.on_stop is not None:
+                self.on_stop()
 
     # -- requests ------------------------------------------------------------------------------------------------
 
