@@ -136,7 +136,7 @@ def test_a_key_with_its_own_rate(tmp_path):
         assert all(call(c, unlimited, method, path, body).status_code == 200 for _ in range(10))
 
 
-def test_admin_reload_keeps_the_old_keys_when_the_file_is_bad(tmp_path):
+def test_admin_reload_keeps_the_old_keys_when_the_file_is_bad(tmp_path, caplog):
     keys_file = tmp_path / "api-keys"
     _, admin = create_key(keys_file, "admin", scopes=["admin"])
     _, user = create_key(keys_file, "user")
@@ -146,9 +146,12 @@ def test_admin_reload_keeps_the_old_keys_when_the_file_is_bad(tmp_path):
         assert r.status_code == 200 and r.json()["keys"]["active"] == 2, r.text
         good = keys_file.read_bytes()
         keys_file.write_text('{"version": 1, "keys": [')  # an edit cut short
+        caplog.clear()
         r = call(c, admin, "POST", "/admin/reload")
         assert r.status_code == 409 and "previous keys stay in force" in r.json()["error"]["message"], r.text
         assert call(c, user, method, path, body).status_code == 200  # nobody is locked out
+        refused = [rec for rec in caplog.records if "not reloaded" in rec.getMessage()]
+        assert len(refused) == 1 and "not valid" in refused[0].getMessage()  # one line, saying why
         keys_file.write_bytes(good)
         revoke_key(keys_file, "user")
         r = call(c, admin, "POST", "/admin/reload")

@@ -67,6 +67,26 @@ def _health(sysd: BootedSystemd, addr: str) -> str:
     return sysd.run([sys.executable, "-c", code, addr], net_only=True, timeout=30).stdout.strip()
 
 
+def _status_of(sysd: BootedSystemd, key: str, method: str, path: str, body: dict | None = None) -> int:
+    """The HTTP status the service answers `key` with, from inside the namespace's network."""
+    code = ("import json, sys, urllib.request, urllib.error\n"
+            "body = json.loads(sys.argv[4]) if sys.argv[4] != 'null' else None\n"
+            "req = urllib.request.Request('http://127.0.0.1:8080' + sys.argv[3], method=sys.argv[2],\n"
+            "    data=None if body is None else json.dumps(body).encode(),\n"
+            "    headers={'Authorization': 'Bearer ' + sys.argv[1], 'Content-Type': 'application/json'})\n"
+            "try:\n    print(urllib.request.urlopen(req, timeout=60).status)\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code)")
+    out = sysd.run([sys.executable, "-c", code, key, method, path, json.dumps(body)], net_only=True, timeout=90)
+    return int(out.stdout.strip())
+
+
+def _keys(sysd: BootedSystemd, *args) -> subprocess.CompletedProcess:
+    proc = sysd.run([BANKLLM, "keys", *args, "--keys-file", "/etc/bankllm/credentials/api-keys"], timeout=120,
+                    check=False, env=clean_env())
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
 def test_install_bundle_under_real_systemd(inputs):
     sysd = BootedSystemd(inputs["root"] / "ns")
     data = inputs["root"] / "data"
@@ -126,6 +146,26 @@ def test_install_bundle_under_real_systemd(inputs):
         # The unit's IP filter is enforced: loopback answers, 10.99.0.1 (not allowed) gets nothing.
         assert _health(sysd, "127.0.0.1") == "200"
         assert _health(sysd, "10.99.0.1") == "no answer"
+
+        # 3b. Keys created and revoked while the service runs take effect without a restart: systemd 252 does not
+        #     refresh the LoadCredential= copy, so `bankllm keys` runs `systemctl reload` (ExecReload copies the key
+        #     store into the runtime directory, SIGHUP re-reads it) and waits for the service's acknowledgement.
+        main_pid = sysd.run(["systemctl", "show", "-p", "MainPID", "--value", "bankllm"]).stdout.strip()
+        proc = _keys(sysd, "create", "--name", "reload-test", "--scope", "openai")
+        new_key = proc.stdout.strip()
+        assert f"created; the running service (bankllm.service, pid {main_pid}) reloaded its keys" in proc.stderr, \
+            proc.stderr
+        assert _status_of(sysd, new_key, "GET", "/v1/models") == 200
+        assert _status_of(sysd, new_key, "POST", "/api/v1/classify", {"text": "hi"}) == 403  # openai scope only
+        copy = sysd.path("/run/bankllm/api-keys")
+        assert oct(copy.stat().st_mode & 0o777) == "0o600" and copy.stat().st_uid != 0
+        proc = _keys(sysd, "revoke", "reload-test")
+        assert (f"revoked key {new_key.split('_')[1]} (reload-test); the running service (bankllm.service, "
+                f"pid {main_pid}) reloaded its keys") in proc.stdout, proc.stdout
+        assert _status_of(sysd, new_key, "GET", "/v1/models") == 401
+        assert _status_of(sysd, key, "GET", "/v1/models") == 200  # the install's key is untouched
+        props = sysd.run(["systemctl", "show", "bankllm", "-p", "MainPID", "-p", "NRestarts", "-p", "ActiveState"]).stdout
+        assert f"MainPID={main_pid}" in props and "NRestarts=0" in props and "ActiveState=active" in props, props
 
         # 4. A rerun with the same inputs changes nothing and leaves the service running.
         out = _install(sysd, data, "--bundle", inputs["bundle"])

@@ -157,7 +157,8 @@ class KeyStore:
             return None
 
     def _load(self, path: Path, strict: bool = False) -> bool:
-        """Read `path` and put its active keys in force; keep the old ones (or raise, when `strict`) if invalid."""
+        """Read `path` and put its active keys in force; keep the old ones (or raise, when `strict`) if invalid,
+        logging one line per new problem (not one per request or per reload)."""
         stamp = self._stamp_of(path)
         try:
             data = path.read_bytes() if stamp is not None else None

@@ -143,8 +143,8 @@ class Service:
                 log.error("answer library not reloaded, the previous one stays in force: %s", exc.message)
                 result["answers"] = {"reloaded": False, "error": exc.message}
         self.reloads += 1
-        log.warning("reload %d: keys %s (%d active)%s", self.reloads, "reloaded" if keys_ok else "kept",
-                    self.keys.count, "" if keys_ok else f": {self.keys.error}")
+        if keys_ok:  # a refused file was logged by the key store, once
+            log.warning("reload %d: %d active keys from %s", self.reloads, self.keys.count, self.keys.path)
         if self.on_reload is not None:
             self.on_reload(self)
         return result
