@@ -80,3 +80,44 @@ def test_stale_and_foreign_run_records_are_not_signalled(tmp_path):
     outcome = apply_to_running(keys_file, tmp_path / "run", timeout=1)
     assert outcome.ok and outcome.message == "no running service found: takes effect at next start"
     assert not record_path(tmp_path / "run", dead.pid).exists()  # the stale record is cleaned up
+
+
+@pytest.mark.fast
+def test_a_server_that_does_not_confirm_is_reported(tmp_path):
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text('{"version": 1, "keys": []}')
+    # A live process whose command line says `serve` but that never acknowledges (it ignores SIGHUP).
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                             "open(__import__('sys').argv[2], 'w').close(); time.sleep(60)", "serve", str(tmp_path / "up")])
+    try:
+        while not (tmp_path / "up").exists():
+            time.sleep(0.05)
+        record = record_path(tmp_path / "run", deaf.pid)
+        record.parent.mkdir()
+        record.write_text(json.dumps({"pid": deaf.pid, "keys_file": str(keys_file), "reloads": 0}))
+        outcome = apply_to_running(keys_file, tmp_path / "run", timeout=1)
+    finally:
+        deaf.kill()
+        deaf.wait()
+    assert not outcome.ok
+    assert outcome.message == f"the running `bankllm serve` (pid {deaf.pid}) did not confirm a reload within 1 s after SIGHUP"
+
+
+@pytest.mark.fast
+def test_keys_cli_scopes_rate_and_messages_without_a_service(tmp_path):
+    keys_file = tmp_path / "api-keys"
+    proc = keys_cli("create", "--name", "ops", "--scope", "admin", "--scope", "chat", "--rate", "5", keys_file=keys_file)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("bk_") and proc.stdout.count("\n") == 1  # only the key on stdout
+    assert "scopes chat,admin; 5/min" in proc.stderr
+    assert "created; no running service found: takes effect at next start" in proc.stderr
+    proc = keys_cli("create", "--name", "app", keys_file=keys_file)
+    assert "scopes classify,chat,openai; the service's rate limit" in proc.stderr
+    listed = keys_cli("list", keys_file=keys_file).stdout.splitlines()
+    assert [line.split("\t")[1:4] for line in listed] == [["ops", "chat,admin", "5/min"],
+                                                           ["app", "classify,chat,openai", "default-rate"]]
+    proc = keys_cli("create", "--name", "bad", "--scope", "root", keys_file=keys_file)
+    assert proc.returncode == 2 and "'root' is not one of" in proc.stderr
+    proc = keys_cli("revoke", "ops", keys_file=keys_file)
+    assert proc.returncode == 0
+    assert proc.stdout.strip().endswith("(ops); no running service found: takes effect at next start"), proc.stdout

@@ -223,6 +223,17 @@ def test_user_install_under_a_real_user_manager(inputs):
         key = sysd.path("/root/.config/bankllm/credentials/first-api-key").read_text().strip()
         chat = sysd.run([sys.executable, "-c", CHAT, key], net_only=True, timeout=180).stdout.splitlines()
         assert chat[0].strip() and chat[-1] == "AUTH-REQUIRED", chat
+        # The user unit reloads too (`systemctl --user reload`, its runtime directory under $XDG_RUNTIME_DIR).
+        keys_file = "/root/.config/bankllm/credentials/api-keys"
+        for args in (["create", "--name", "user-reload"], ["revoke", "user-reload"]):
+            proc = sysd.run([BANKLLM, "keys", *args, "--keys-file", keys_file], timeout=120, check=False, env=env)
+            assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+            assert "the running service (bankllm.service, pid" in proc.stdout + proc.stderr, proc.stderr
+            if args[0] == "create":
+                user_key = proc.stdout.strip()
+                assert sysd.run([sys.executable, "-c", CHAT, user_key], net_only=True, timeout=180).stdout.strip()
+        chat = sysd.run([sys.executable, "-c", CHAT, user_key], net_only=True, timeout=180, check=False)
+        assert chat.returncode != 0 and "AuthenticationError" in chat.stderr, chat  # revoked, without a restart
         status = json.loads(sysd.run([BANKLLM, "status", "--user", "--json"], timeout=60, env=env).stdout)
         assert status["unit"]["is-active"] == "active" and status["ready"] == 200, status
         assert status["model"]["build_id"] == "smollm2-a"

@@ -24,8 +24,8 @@ def _apply(settings: Settings, path: Path, done: str, err: bool = True) -> None:
 
     outcome = apply_to_running(path, settings.resolved_run_dir())
     if not outcome.ok:
-        raise ServiceError(f"{done}, but {outcome.message}", "restart the service (`systemctl restart bankllm`) "
-                           "so that it reads the key file again")
+        raise ServiceError(f"{done} in the key file, but not in every running service: {outcome.message}",
+                           "restart the service (`systemctl restart bankllm`) so that it reads the key file again")
     click.echo(f"{done}; {outcome.message}", err=err)
 
 

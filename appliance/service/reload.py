@@ -103,12 +103,12 @@ def _await(record: Path, before: int, digest: str | None, timeout: float) -> tup
         rec = _read(record)
         if rec is not None and rec.get("reloads", 0) > before:
             if rec.get("keys_error"):
-                return False, f"it refused the key file and kept its previous keys: {rec['keys_error']}"
+                return False, f"refused the key file and kept its previous keys ({rec['keys_error']})"
             if rec.get("keys_digest") != digest:
-                return False, "it reloaded, but what it read differs from the key file (changed again meanwhile?)"
+                return False, "reloaded a key file that differs from this one (changed again meanwhile?)"
             return True, ""
         time.sleep(0.1)
-    return False, f"it did not confirm a reload within {timeout:.0f} s"
+    return False, f"did not confirm a reload within {timeout:.0f} s"
 
 
 def _same(a: str | Path, b: Path) -> bool:
@@ -161,7 +161,7 @@ def _reload_unit(user: bool, run_dir: Path, digest: str | None, timeout: float) 
     ok, why = _await(record, before, digest, timeout)
     if ok:
         return Outcome(True, f"the running service ({unit}, pid {pid}) reloaded its keys")
-    return Outcome(False, f"`systemctl{flag} reload {unit}` ran but {why}")
+    return Outcome(False, f"the running service ({unit}, pid {pid}) {why} after `systemctl{flag} reload`")
 
 
 def _reload_foreground(keys_file: Path, run_dir: Path, digest: str | None, timeout: float) -> list[Outcome]:
@@ -182,7 +182,7 @@ def _reload_foreground(keys_file: Path, run_dir: Path, digest: str | None, timeo
             continue
         ok, why = _await(path, rec.get("reloads", 0), digest, timeout)
         outcomes.append(Outcome(ok, f"the running `bankllm serve` (pid {pid}) reloaded its keys" if ok
-                                else f"`bankllm serve` (pid {pid}) was signalled but {why}"))
+                                else f"the running `bankllm serve` (pid {pid}) {why} after SIGHUP"))
     return outcomes
 
 
