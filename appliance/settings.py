@@ -84,7 +84,7 @@ class Settings:
     # --- key reload, conversation budgets (issue 11) ------------------------------------------
     keys_reload_file: Path | None = field(default=None, metadata=_doc(
         "A fresher copy of the keys file, read instead of it when present (the unit sets it: `systemctl reload` "
-        "copies the key store there, as systemd before 259 does not refresh LoadCredential= on reload)."))
+        "copies the key store there, as systemd 252 (Debian 12) does not refresh LoadCredential= on reload)."))
     run_dir: Path | None = field(default=None, metadata=_doc(
         "Where `bankllm serve` records its pid and the keys it has in force, so `bankllm keys create/revoke` can make "
         "it reload and confirm; default: $RUNTIME_DIRECTORY under systemd, else <data_dir>/run."))

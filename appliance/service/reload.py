@@ -1,7 +1,7 @@
 """Reloading a running service's keys: the service side (SIGHUP, a run record acknowledging what is in force) and the
 side of `bankllm keys create/revoke` (find the running service, make it reload, wait for its acknowledgement).
 
-Under systemd the unit's `ExecReload=` copies the key store into the service's runtime directory (systemd before 259
+Under systemd the unit's `ExecReload=` copies the key store into the service's runtime directory (systemd 252
 does not refresh a `LoadCredential=` copy on reload) and sends SIGHUP; `bankllm serve` in the foreground gets SIGHUP
 directly. Either way the service rewrites its run record, `serve-<pid>.json` in its run directory, with the sha256
 of the key file it now has in force, so the CLI can say exactly what happened instead of assuming.
