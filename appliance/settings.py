@@ -104,6 +104,17 @@ class Settings:
         "is renamed <audit_log>.N (N = 1 the oldest) and the hash chain carries on in a new file."))
     conversation_turns: int = field(default=10, metadata=_doc("Turns of history kept per banking conversation."))
     conversation_ttl_s: float = field(default=1800.0, metadata=_doc("A banking conversation idle this long is forgotten."))
+    # --- key reload, conversation budgets (issue 11) ------------------------------------------
+    keys_reload_file: Path | None = field(default=None, metadata=_doc(
+        "A fresher copy of the keys file, read instead of it when present (the unit sets it: `systemctl reload` "
+        "copies the key store there, as systemd 252 (Debian 12) does not refresh LoadCredential= on reload)."))
+    run_dir: Path | None = field(default=None, metadata=_doc(
+        "Where `bankllm serve` records its pid and the keys it has in force, so `bankllm keys create/revoke` can make "
+        "it reload and confirm; default: $RUNTIME_DIRECTORY under systemd, else <data_dir>/run."))
+    conversation_max_total: int = field(default=10000, metadata=_doc(
+        "Most banking conversations kept in memory; at the cap the key holding the most loses its oldest."))
+    conversation_max_per_key: int = field(default=1000, metadata=_doc(
+        "Most banking conversations one API key keeps; its next new one evicts its own oldest, never another key's."))
     system_prompt: str = field(default=(
         "You are a helpful, precise assistant for a bank's customers and staff. Answer briefly. "
         "Never ask for or repeat full card numbers, PINs or passwords."), metadata=_doc(
@@ -215,6 +226,9 @@ class Settings:
                      "bundle_max_bytes", "bundle_max_members"):  # intake limits (issue 11)
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive", f"set {name} above 0")
+        if self.conversation_max_total < 1 or self.conversation_max_per_key < 1:
+            raise ConfigError("conversation_max_total and conversation_max_per_key must be at least 1",
+                              "set them to positive numbers (defaults 10000 and 1000)")
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range", "use a port between 1 and 65535")
         self._validate_serving(env)
@@ -272,6 +286,15 @@ class Settings:
         if env.get("CREDENTIALS_DIRECTORY"):
             return Path(env["CREDENTIALS_DIRECTORY"]) / "api-keys"
         return default_config_dir() / "api-keys"
+
+    def resolved_run_dir(self, env: typing.Mapping[str, str] | None = None) -> Path:
+        """run_dir, else $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else <data_dir>/run."""
+        env = os.environ if env is None else env
+        if self.run_dir is not None:
+            return self.run_dir
+        if env.get("RUNTIME_DIRECTORY"):
+            return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+        return self.data_dir / "run"
 
     @classmethod
     def explain(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None,

@@ -187,9 +187,8 @@ class BootedSystemd:
 
 def clean_env(**extra) -> dict:
     """A minimal environment for commands run inside the namespace (no PIP_*, no test BANKLLM_* leaks)."""
+    # PYTHONPATH: this tree's `appliance`, whichever checkout the dev venv's editable install points at.
     env = {"PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "LANG": "C.UTF-8"}
-    if os.environ.get("PYTHONPATH"):  # a checkout run with PYTHONPATH=. (a worktree): its bankllm, not the venv's
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+           "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -29,7 +29,7 @@ FLAGS = {
                  "--chat-template", "--sign", "--config"],
     ("eval",): ["--model", "--data", "--labels", "--adapter", "--limit", "--oos", "--fit", "--out", "--config"],
     ("serve",): ["--model", "--host", "--port", "--threads", "--keys-file", "--config", "--as-user"],
-    ("keys", "create"): ["--name", "--keys-file", "--config"],
+    ("keys", "create"): ["--name", "--scope", "--rate", "--keys-file", "--config"],
     ("keys", "list"): ["--keys-file", "--config"],
     ("keys", "revoke"): ["--keys-file", "--config"],
     ("install",): ["--user", "--root", *BUILD_SOURCES, "--bundle", "--trust", "--bundle-sha256", "--host", "--port",

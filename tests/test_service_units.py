@@ -39,7 +39,7 @@ def test_keys_create_verify_revoke(tmp_path):
     assert key not in path.read_text() and record.id in key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     store = KeyStore(path)
-    assert store.verify(key) == record.id
+    assert store.verify(key).id == record.id
     assert store.verify(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
     assert store.verify("garbage") is None
     with pytest.raises(InputError):

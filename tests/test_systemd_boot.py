@@ -71,6 +71,26 @@ def _health(sysd: BootedSystemd, addr: str) -> str:
     return sysd.run([sys.executable, "-c", code, addr], net_only=True, timeout=30).stdout.strip()
 
 
+def _status_of(sysd: BootedSystemd, key: str, method: str, path: str, body: dict | None = None) -> int:
+    """The HTTP status the service answers `key` with, from inside the namespace's network."""
+    code = ("import json, sys, urllib.request, urllib.error\n"
+            "body = json.loads(sys.argv[4]) if sys.argv[4] != 'null' else None\n"
+            "req = urllib.request.Request('http://127.0.0.1:8080' + sys.argv[3], method=sys.argv[2],\n"
+            "    data=None if body is None else json.dumps(body).encode(),\n"
+            "    headers={'Authorization': 'Bearer ' + sys.argv[1], 'Content-Type': 'application/json'})\n"
+            "try:\n    print(urllib.request.urlopen(req, timeout=60).status)\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code)")
+    out = sysd.run([sys.executable, "-c", code, key, method, path, json.dumps(body)], net_only=True, timeout=90)
+    return int(out.stdout.strip())
+
+
+def _keys(sysd: BootedSystemd, *args) -> subprocess.CompletedProcess:
+    proc = sysd.run([BANKLLM, "keys", *args, "--keys-file", "/etc/bankllm/credentials/api-keys"], timeout=120,
+                    check=False, env=clean_env())
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
 def test_install_bundle_under_real_systemd(inputs):
     sysd = BootedSystemd(inputs["root"] / "ns")
     data = inputs["root"] / "data"
@@ -136,6 +156,26 @@ def test_install_bundle_under_real_systemd(inputs):
         # The service was told to verify its build at every start, and could read the key under the hardening.
         assert 'trust_key = "/etc/bankllm/trust-key.pub"' in sysd.path("/etc/bankllm/bankllm.toml").read_text()
 
+        # 3b. Keys created and revoked while the service runs take effect without a restart: systemd 252 does not
+        #     refresh the LoadCredential= copy, so `bankllm keys` runs `systemctl reload` (ExecReload copies the key
+        #     store into the runtime directory, SIGHUP re-reads it) and waits for the service's acknowledgement.
+        main_pid = sysd.run(["systemctl", "show", "-p", "MainPID", "--value", "bankllm"]).stdout.strip()
+        proc = _keys(sysd, "create", "--name", "reload-test", "--scope", "openai")
+        new_key = proc.stdout.strip()
+        assert f"created; the running service (bankllm.service, pid {main_pid}) reloaded its keys" in proc.stderr, \
+            proc.stderr
+        assert _status_of(sysd, new_key, "GET", "/v1/models") == 200
+        assert _status_of(sysd, new_key, "POST", "/api/v1/classify", {"text": "hi"}) == 403  # openai scope only
+        copy = sysd.path("/run/bankllm/api-keys")
+        assert oct(copy.stat().st_mode & 0o777) == "0o600" and copy.stat().st_uid != 0
+        proc = _keys(sysd, "revoke", "reload-test")
+        assert (f"revoked key {new_key.split('_')[1]} (reload-test); the running service (bankllm.service, "
+                f"pid {main_pid}) reloaded its keys") in proc.stdout, proc.stdout
+        assert _status_of(sysd, new_key, "GET", "/v1/models") == 401
+        assert _status_of(sysd, key, "GET", "/v1/models") == 200  # the install's key is untouched
+        props = sysd.run(["systemctl", "show", "bankllm", "-p", "MainPID", "-p", "NRestarts", "-p", "ActiveState"]).stdout
+        assert f"MainPID={main_pid}" in props and "NRestarts=0" in props and "ActiveState=active" in props, props
+
         # 4. A rerun with the same inputs changes nothing and leaves the service running (the configured trust key
         #    verifies the bundle).
         out = _install(sysd, data, "--bundle", inputs["bundle"])
@@ -193,6 +233,17 @@ def test_user_install_under_a_real_user_manager(inputs):
         key = sysd.path("/root/.config/bankllm/credentials/first-api-key").read_text().strip()
         chat = sysd.run([sys.executable, "-c", CHAT, key], net_only=True, timeout=180).stdout.splitlines()
         assert chat[0].strip() and chat[-1] == "AUTH-REQUIRED", chat
+        # The user unit reloads too (`systemctl --user reload`, its runtime directory under $XDG_RUNTIME_DIR).
+        keys_file = "/root/.config/bankllm/credentials/api-keys"
+        for args in (["create", "--name", "user-reload"], ["revoke", "user-reload"]):
+            proc = sysd.run([BANKLLM, "keys", *args, "--keys-file", keys_file], timeout=120, check=False, env=env)
+            assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+            assert "the running service (bankllm.service, pid" in proc.stdout + proc.stderr, proc.stderr
+            if args[0] == "create":
+                user_key = proc.stdout.strip()
+                assert sysd.run([sys.executable, "-c", CHAT, user_key], net_only=True, timeout=180).stdout.strip()
+        chat = sysd.run([sys.executable, "-c", CHAT, user_key], net_only=True, timeout=180, check=False)
+        assert chat.returncode != 0 and "AuthenticationError" in chat.stderr, chat  # revoked, without a restart
         status = json.loads(sysd.run([BANKLLM, "status", "--user", "--json"], timeout=60, env=env).stdout)
         assert status["unit"]["is-active"] == "active" and status["ready"] == 200, status
         assert status["model"]["build_id"] == "smollm2-a"

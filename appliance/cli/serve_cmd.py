@@ -23,6 +23,7 @@ def serve(model, host, port, threads, keys_file, config, as_user):
 
     from ..service import privileges, tls
     from ..service.app import create_app
+    from ..service.reload import serving
 
     settings = Settings.load(config=config, model=model, host=host, port=port, threads=threads, keys_file=keys_file)
     if as_user:
@@ -37,8 +38,9 @@ def serve(model, host, port, threads, keys_file, config, as_user):
     mtls = " (client certificates required)" if settings.require_client_cert else ""
     click.echo(f"bankllm: serving {settings.model} as {settings.model_name!r} on {scheme}://{settings.host}:"
                f"{settings.port}{mtls}", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning",
-                server_header=False, timeout_graceful_shutdown=10, **ssl_options)
+    with serving(app.state["service"], settings.resolved_run_dir()):  # SIGHUP reloads the keys
+        uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning",
+                    server_header=False, timeout_graceful_shutdown=10, **ssl_options)
 
 
 def register(cli: click.Group) -> None:

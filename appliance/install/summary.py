@@ -70,7 +70,7 @@ def summary(result: "InstallResult", settings: Settings) -> list[str]:
     lines.append(f"endpoint: {result.endpoint}/v1 (OpenAI-compatible)")
     lines.append(f"API key: {lay.first_key_file}" if result.first_key else
                  f"API keys: hashes in {lay.keys_file}; add one with `bankllm keys create --name NAME "
-                 f"--keys-file {lay.keys_file}`, then restart the service")
+                 f"--keys-file {lay.keys_file}` (the running service reloads its keys)")
     body = '{"model":"%s","messages":[{"role":"user","content":"What is an IBAN?"}],"max_tokens":64}' % settings.model_name
     url, tls_args = curl_tls(result, settings)
     if settings.require_client_cert:

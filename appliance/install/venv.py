@@ -16,7 +16,8 @@ COMPLETE = ".bankllm-complete"
 
 def isolated_pip_env() -> dict[str, str]:
     """The environment for an offline pip: no config files, no PIP_* settings, no index."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    # PYTHONPATH too: the caller's packages must not shadow what the service's venv installs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     env["PIP_CONFIG_FILE"] = os.devnull
     env["PIP_NO_INDEX"] = "1"
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"

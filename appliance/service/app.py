@@ -117,4 +117,5 @@ def create_app(settings: Settings, engine_factory: Callable | None = None) -> Li
         debug=False,
         logging_config=None,
     )
+    app.state["service"] = service  # `bankllm serve` wires SIGHUP and its run record to it (service/reload.py)
     return app

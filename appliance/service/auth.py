@@ -1,15 +1,22 @@
-"""One ASGI middleware for every route: API key check, per-key rate limit, metrics and the audit record."""
+"""One ASGI middleware for every route: API key check, the key's scope, its rate limit, metrics and the audit record.
+
+Every route handler declares the scope it needs in its `opt` (routes/__init__.py: `scoped`): one of the key scopes
+(classify, chat, openai, admin), ANY_KEY (any valid key: /ready, /metrics, the OpenAPI schema) or OPEN (no key:
+/health). A handler that declares nothing needs the admin scope, so a route added without a scope fails closed.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 
-from .errors import APIError, AuthError, RateLimitError
+from .errors import APIError, AuthError, ForbiddenError, RateLimitError
 from .limits import retry_after_header
 from .records import RequestRecord
 
-OPEN_PATHS = {"/health"}
+OPEN = "open"
+ANY_KEY = "any"
+SCHEMA_PREFIX = "/schema"  # Litestar's own OpenAPI handlers (no opt of ours): readable with any valid key
 
 
 def bearer_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -22,6 +29,17 @@ def bearer_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def required_scope(scope) -> str:
+    """The scope the routed handler needs (fails closed to admin for a handler that declares none)."""
+    handler = scope.get("route_handler")
+    declared = (getattr(handler, "opt", None) or {}).get("scope")
+    if declared:
+        return declared
+    if scope["path"] == SCHEMA_PREFIX or scope["path"].startswith(SCHEMA_PREFIX + "/"):
+        return ANY_KEY
+    return "admin"
+
+
 async def send_error(send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -30,8 +48,33 @@ async def send_error(send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def check(svc, scope) -> tuple[str | None, APIError | None]:
+    """(key id, None) when the request may go ahead, else (key id or None, the error to answer)."""
+    need = required_scope(scope)
+    # Admin routes need an admin key even when require_keys is off (a loopback test setup): fail closed.
+    if need == OPEN or (not svc.settings.require_keys and need != "admin"):
+        return None, None
+    key = bearer_key(scope["headers"])
+    record = svc.keys.verify(key) if key else None
+    if record is None:
+        why = "is missing" if not key else "is not valid (wrong or revoked)"
+        return None, AuthError(f"the API key {why}; send `Authorization: Bearer <key>` with a key from "
+                               "`bankllm keys create`")
+    if need != ANY_KEY and need not in record.effective_scopes:
+        return record.id, ForbiddenError(
+            f"this API key (id {record.id}) lacks the {need!r} scope that {scope['path']} needs (it has: "
+            f"{', '.join(record.effective_scopes)}); use a key created with `bankllm keys create --scope {need}`",
+            code="insufficient_scope")
+    wait = svc.limiter.check(record.id, record.rate)
+    if wait > 0:
+        return record.id, RateLimitError(
+            f"rate limit of {svc.limiter.limit_of(record.rate)} requests per minute for this key reached; "
+            f"retry after {retry_after_header(wait)} s", headers={"Retry-After": retry_after_header(wait)})
+    return record.id, None
+
+
 class SecurityMiddleware:
-    """Checks the key, applies the rate limit, then records metrics and one audit line per request."""
+    """Checks the key, its scope and its rate limit, then records metrics and one audit line per request."""
 
     def __init__(self, app, service):
         self.app = app
@@ -56,21 +99,10 @@ class SecurityMiddleware:
             await send(message)
 
         try:
-            if path not in OPEN_PATHS and svc.settings.require_keys:
-                key = bearer_key(scope["headers"])
-                key_id = svc.keys.verify(key) if key else None
-                if key_id is None:
-                    why = "is missing" if not key else "is not valid (wrong or revoked)"
-                    await send_error(send_wrapper, AuthError(
-                        f"the API key {why}; send `Authorization: Bearer <key>` with a key from `bankllm keys create`"))
-                    return
-                wait = svc.limiter.check(key_id)
-                if wait > 0:
-                    await send_error(send_wrapper, RateLimitError(
-                        f"rate limit of {svc.settings.rate_limit_per_minute} requests per minute for this key reached; "
-                        f"retry after {retry_after_header(wait)} s",
-                        headers={"Retry-After": retry_after_header(wait)}))
-                    return
+            key_id, refusal = check(svc, scope)
+            if refusal is not None:
+                await send_error(send_wrapper, refusal)
+                return
             record.key_id = key_id or "-"
             await self.app(scope, receive, send_wrapper)
         except BaseException as exc:

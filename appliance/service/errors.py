@@ -50,6 +50,13 @@ class AuthError(APIError):
     type = "authentication_error"
 
 
+class ForbiddenError(APIError):
+    """A valid key without the scope the route needs."""
+
+    status = 403
+    type = "permission_error"
+
+
 class RateLimitError(APIError):
     """Too many requests for one key."""
 

@@ -7,9 +7,10 @@ import asyncio
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
+from ..errors import BankllmError, ConfigError
 from ..settings import Settings
 from .assistant import OUT_OF_SCOPE
 from .audit import AuditLog, build_id_of
@@ -100,7 +101,7 @@ class Service:
 
             model = verify_served_model(settings.model, settings.trust_key)
         self.files = resolve_model(model)
-        self.keys = KeyStore(settings.resolved_keys_file())
+        self.keys = KeyStore(self.keys_path)
         if settings.require_keys and self.keys.count == 0:
             raise ConfigError(f"no API keys in {self.keys.path}",
                               "create one with `bankllm keys create --name NAME` (or set require_keys = false "
@@ -108,7 +109,9 @@ class Service:
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.audit = AuditLog(settings.audit_log, settings.audit_include_text, build_id_of(self.files),
                               settings.audit_rotate_bytes)  # opened (and its chain resumed) by start()
-        self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s)
+        self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s,
+                                           settings.conversation_max_total, settings.conversation_max_per_key)
+        self.reloads = 0  # explicit reloads (SIGHUP, POST /admin/reload); the run record carries the count
         self.labels: list[str] = self.files.labels
         self.label_set = set(self.labels)
         self.answers = load_answers(settings, self.files)  # refused here, before the model loads, if incomplete
@@ -124,6 +127,34 @@ class Service:
         self.ready = False
         self.created = int(time.time())
         self.known_routes: set[str] = set()
+        self.on_reload: Callable | None = None  # set by `bankllm serve` to refresh its run record
+        self.on_stop: Callable | None = None  # ... and to remove it (uvicorn ends on the re-raised SIGTERM)
+
+    def keys_path(self) -> Path:
+        """The key file to read: the copy a `systemctl reload` refreshed when there is one, else the configured one."""
+        fresher = self.settings.keys_reload_file
+        if fresher is not None and Path(fresher).is_file():
+            return Path(fresher)
+        return self.settings.resolved_keys_file()
+
+    def reload(self) -> dict:
+        """Re-read the keys and the answer library; a part that fails keeps what was in force (and says why)."""
+        keys_ok = self.keys.reload(force=True)
+        result = {"keys": {"reloaded": keys_ok, "active": self.keys.count, "file": str(self.keys.path),
+                           "error": self.keys.error}}
+        if self.answers is not None or self.settings.answers_file is not None:
+            try:
+                self.answers = load_answers(self.settings, self.files)
+                result["answers"] = {"reloaded": True, "error": None}
+            except BankllmError as exc:
+                log.error("answer library not reloaded, the previous one stays in force: %s", exc.message)
+                result["answers"] = {"reloaded": False, "error": exc.message}
+        self.reloads += 1
+        if keys_ok:  # a refused file was logged by the key store, once
+            log.warning("reload %d: %d active keys from %s", self.reloads, self.keys.count, self.keys.path)
+        if self.on_reload is not None:
+            self.on_reload(self)
+        return result
 
     def start(self) -> None:
         """Load the model and build what depends on its vocabulary."""
@@ -144,9 +175,13 @@ class Service:
 
     def stop(self) -> None:
         self.ready = False
-        if self.engine is not None:
-            self.engine.close()
-        self.audit.close()
+        try:
+            if self.engine is not None:
+                self.engine.close()
+            self.audit.close()
+        finally:
+            if self.on_stop is not None:
+                self.on_stop()
 
     # -- requests ------------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from ..errors import APIError, NotFoundError
 from ..records import RequestRecord
 from ..schemas import BankChatRequest, ClassifyRequest
 from ..service import Service
+from . import scoped
 
 
 @post("/api/v1/chat", status_code=200, summary="The banking assistant: approved answers, clarifying questions, handoff")
@@ -25,7 +26,7 @@ async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: Name
                 f"conversation_id {data.conversation_id!r} is unknown or expired (idle conversations end after "
                 f"{svc.settings.conversation_ttl_s:g} s); omit it to start a new conversation", param="conversation_id")
     else:
-        conv = svc.conversations.new(record.key_id)
+        conv = svc.conversations.draft(record.key_id)  # stored by add_turn: a refused request leaves none behind
     reply = await svc.assist(request, record, conv, data.message)
     if reply is None:
         return Response(b"", status_code=499)
@@ -55,4 +56,4 @@ async def classify(request: Request, data: JSONBody[ClassifyRequest], svc: Named
     return Response(body)
 
 
-ROUTES = [bank_chat, classify]
+ROUTES = [*scoped("chat", bank_chat), *scoped("classify", classify)]

@@ -18,6 +18,7 @@ from ..records import RequestRecord
 from ..schemas import ChatCompletionRequest, CompletionRequest, stops
 from ..service import Service
 from ..waiting import events_until
+from . import scoped
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -143,4 +144,4 @@ async def get_model(model_id: FromPath[str], svc: NamedDependency[Service]) -> d
     return {"id": model_id, "object": "model", "created": svc.created, "owned_by": "bankllm"}
 
 
-ROUTES = [chat_completions, completions, list_models, get_model]
+ROUTES = scoped("openai", chat_completions, completions, list_models, get_model)

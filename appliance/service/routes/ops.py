@@ -1,14 +1,16 @@
-"""Operations routes: /health (no key), /ready, /metrics."""
+"""Operations routes: /health (no key), /ready and /metrics (any key); admin routes (admin scope): /admin/reload."""
 
 from __future__ import annotations
 
-from litestar import get
+from litestar import get, post
 from litestar.di import NamedDependency
 from litestar.response import Response
 
+from ..auth import ANY_KEY, OPEN
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..service import Service
+from . import scoped
 
 
 @get("/health", summary="Process alive (no key needed)")
@@ -29,4 +31,13 @@ async def metrics(svc: NamedDependency[Service]) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-ROUTES = [health, ready, metrics]
+@post("/admin/reload", status_code=200, summary="Re-read the API keys and the answer library (admin scope)")
+async def admin_reload(svc: NamedDependency[Service]) -> dict:
+    result = svc.reload()
+    if not result["keys"]["reloaded"]:
+        raise APIError(f"the key file was refused and the previous keys stay in force: {result['keys']['error']}",
+                       status=409, code="keys_not_reloaded")
+    return {"status": "reloaded", **result}
+
+
+ROUTES = [*scoped(OPEN, health), *scoped(ANY_KEY, ready, metrics), *scoped("admin", admin_reload)]
