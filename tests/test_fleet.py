@@ -389,6 +389,16 @@ def _classify_count(text: str) -> float:
                if s.name == "bankllm_requests_total" and s.labels.get("route") == "/api/v1/classify")
 
 
+def _retries(api: RuntimeAPI) -> int:
+    """Retries and redispatches HAProxy counted on the balanced backend since it started."""
+    text = api.command("show stat")
+    import csv
+    import io
+
+    row = next(r for r in csv.DictReader(io.StringIO(text[2:])) if r["pxname"] == hap.BACKEND and r["svname"] == "BACKEND")
+    return int(row["wretr"] or 0) + int(row["wredis"] or 0)
+
+
 def test_per_node_metrics_reach_that_node(fleet):
     with fleet.http() as c:
         before = {n: _classify_count(c.get(f"/nodes/{n}/metrics").text) for n in fleet.ports}
@@ -423,6 +433,7 @@ def test_sse_stream_arrives_incrementally_through_haproxy(fleet):
 
 def test_no_request_fails_while_a_node_is_killed_and_restarted(fleet):
     old = pid_of(fleet.state, "node1")
+    retried = _retries(fleet.api)
     with ClientLoop(fleet) as loop:
         time.sleep(2)
         stop_node(fleet.state, "node1", signal.SIGKILL)  # mid-request, most likely (two clients, two nodes)
@@ -434,6 +445,8 @@ def test_no_request_fails_while_a_node_is_killed_and_restarted(fleet):
     assert new != old and not alive(old) and alive(new)
     assert loop.failures == [], loop.failures[:5]
     assert loop.ok >= 10
+    # Not luck: HAProxy did resend requests the dead node failed (or refused) to another node.
+    assert _retries(fleet.api) > retried
 
 
 def test_rolling_upgrade_loses_no_request_and_restarts_every_node(fleet):
