@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,32 @@ def test_render_writes_a_config_haproxy_accepts_and_keeps_the_key_out_of_it(tmp_
     assert f"EnvironmentFile={out.absolute() / hap.KEY_ENV_FILE}" in dropin
     assert f"-f {out.absolute() / hap.CFG}" in dropin and KEY not in dropin and "NoNewPrivileges=yes" in dropin
     assert "rendered 2 node(s)" in text
+
+
+@fast
+def test_dropin_is_read_by_systemd_without_complaint_and_tightens_the_packaged_unit(tmp_path):
+    out = tmp_path / "lb"
+    hap.render(parse_nodes(["127.0.0.1:8080"]), out, health_key_file=key_file(tmp_path), socket=tmp_path / "s.sock")
+    units = tmp_path / "units"
+    (units / "haproxy.service.d").mkdir(parents=True)
+    shutil.copy("/lib/systemd/system/haproxy.service", units)  # Debian's packaged unit
+
+    def analyze(*args):
+        return subprocess.run(["systemd-analyze", *args, "--man=no" if args[0] == "verify" else "--offline=yes",
+                               str(units / "haproxy.service")], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:"))
+
+    def exposure():
+        proc = analyze("security")
+        return float(proc.stdout.split("Overall exposure level for haproxy.service:")[1].split()[0]), proc.stderr
+
+    stock, _ = exposure()
+    shutil.copy(out / hap.DROPIN, units / "haproxy.service.d")
+    verify = analyze("verify")
+    assert "bankllm.conf" not in verify.stderr, verify.stderr
+    ours, warnings = exposure()
+    assert "bankllm.conf" not in warnings, warnings
+    assert ours < stock - 3, (stock, ours)
 
 
 @fast
@@ -196,6 +223,43 @@ class StandIn(http.server.ThreadingHTTPServer):
 
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        pass  # HAProxy's TLS checks hang up without a close_notify: not an error of the node under test
+
+
+def test_https_nodes_and_front_are_verified_for_real(tmp_path):
+    """Nodes serving HTTPS (by IP and by name) checked UP through --backend-ca; clients reach them over the TLS front."""
+    import ssl
+
+    from tests._tls_util import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    nodes = [StandIn(), StandIn()]
+    for s in nodes:
+        s.socket = ctx.wrap_socket(s.socket, server_side=True)
+    out, sock, port = tmp_path / "lb", tmp_path / "s.sock", free_port()
+    hap.render(parse_nodes([f"byip=127.0.0.1:{nodes[0].server_address[1]}",
+                            f"byname=localhost:{nodes[1].server_address[1]}"]), out,
+               health_key_file=key_file(tmp_path), socket=sock, bind=f"127.0.0.1:{port}", tls_cert=pki.server_cert,
+               tls_key=pki.server_key, backend_ca=pki.ca.path)
+    proc = start_haproxy(out / hap.CFG, out / hap.KEY_ENV_FILE, tmp_path / "haproxy.log")
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "haproxy.log").read_text()
+            time.sleep(0.05)
+        _wait_up(RuntimeAPI(sock), ["byip", "byname"], 20)
+        r = httpx.get(f"https://localhost:{port}/ready", verify=ssl.create_default_context(cafile=str(pki.ca.path)),
+                      headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for s in nodes:
+            s.shutdown()
 
 
 def _wait_up(api: RuntimeAPI, names, timeout=30):

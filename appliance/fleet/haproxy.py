@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -46,6 +47,17 @@ def _tls_pem(cert: Path, key: Path) -> bytes:
         raise InputError(f"{key} is encrypted; HAProxy cannot ask for its passphrase at boot",
                          "give an unencrypted key (the rendered front.pem is written mode 0600)")
     return cert_pem.rstrip(b"\n") + b"\n" + key_pem.rstrip(b"\n") + b"\n"
+
+
+def _verifyhost(node: Node, backend_ca: Path | None) -> str:
+    """HAProxy 2.6 checks a server certificate's DNS names only: an IP-addressed node gets the chain check alone."""
+    if not backend_ca:
+        return ""
+    try:
+        ipaddress.ip_address(node.host)
+        return ""
+    except ValueError:
+        return f" verifyhost {node.host} sni str({node.host})"
 
 
 def render_cfg(nodes: list[Node], *, bind: str, socket: Path, install_dir: Path, tls: bool,
@@ -128,14 +140,17 @@ def render_cfg(nodes: list[Node], *, bind: str, socket: Path, install_dir: Path,
         f"    acl retry_safe_post path {retry_paths}",
         "    http-request disable-l7-retry unless METH_GET or METH_HEAD or { method OPTIONS } or { method POST } retry_safe_post",
         "    default-server check inter 2s fastinter 500ms downinter 1s fall 2 rise 2" + server_tls,
-        *[f"    server {n.name} {n.address}" + (f" verifyhost {n.host}" if backend_ca else "") for n in nodes],
+        *([f"    # HTTPS nodes: the chain is verified against {backend_ca}; the host name too where a node is named by one",
+           "    # (HAProxy 2.6 matches DNS names only, not IP addresses: name nodes by DNS for the stronger check)."]
+          if backend_ca else []),
+        *[f"    server {n.name} {n.address}" + _verifyhost(n, backend_ca) for n in nodes],
     ]
     for n in nodes:
         lines += [
             "",
             f"backend node_{n.name}",
             "    http-request set-path /metrics",
-            f"    server {n.name} {n.address}" + server_tls + (f" verifyhost {n.host}" if backend_ca else ""),
+            f"    server {n.name} {n.address}" + server_tls + _verifyhost(n, backend_ca),
         ]
     return "\n".join(lines) + "\n"
 
