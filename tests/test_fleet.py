@@ -296,6 +296,11 @@ def test_runtime_api_and_upgrade_order_rollback_and_refusals(standin_fleet, tmp_
     api.set_state("n1", "drain")
     assert api.server("n1")["status"] == "DRAIN"
     api.set_state("n1", "ready")
+    code, text = invoke("fleet", "state", "--socket", tmp / "admin.sock", "n2", "maint")
+    assert code == 0 and text.startswith("n2: MAINT sessions=0"), text
+    code, text = invoke("fleet", "state", "--socket", tmp / "admin.sock", "n2", "ready")
+    _wait_up(api, ["n2"], 10)
+    assert invoke("fleet", "state", "--socket", tmp / "admin.sock", "n2", "show")[1].startswith("n2: UP")
     with pytest.raises(FleetError, match="no server 'nope'"):
         api.server("nope")
     with pytest.raises(FleetError, match="HAProxy refused"):
@@ -542,3 +547,63 @@ def test_rolling_upgrade_loses_no_request_and_restarts_every_node(fleet):
     assert {n: pid_of(fleet.state, n) for n in fleet.ports} == new
     assert all(fleet.api.server(n)["status"] == "UP" for n in fleet.ports)
     assert loop.failures == [], loop.failures[:5]
+
+
+# --- the drop-in under a real systemd ----------------------------------------------------------------------------
+STANDIN_CODE = """
+import http.server, sys
+key = sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.headers.get('Authorization') == 'Bearer ' + key
+        self.send_response(200 if ok else 401); self.send_header('Content-Length', '2'); self.end_headers()
+        self.wfile.write(b'{}')
+http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_dropin_runs_haproxy_under_real_systemd(tmp_path):
+    """Debian's haproxy.service with the rendered drop-in, in a booted systemd: it starts under the sandbox, its
+    checks carry the key from the 0600 env file, the socket is 0600 root, workers run as haproxy."""
+    from tests._systemd_util import BootedSystemd, clean_env
+
+    if os.geteuid() != 0:
+        pytest.fail("the systemd test needs root (unshare/nsenter/mount)")
+    out = tmp_path / "lb"
+    hap.render(parse_nodes(["n1=127.0.0.1:18081"]), out, health_key_file=key_file(tmp_path), bind="127.0.0.1:18080",
+               install_dir=Path("/etc/haproxy/bankllm"))
+    sysd = BootedSystemd(REPO / ".cache" / "fleet-systemd" / str(os.getpid()))
+    try:
+        sysd.start()
+        shutil.copytree(out, sysd.path("/etc/haproxy/bankllm"))
+        dropins = sysd.path("/etc/systemd/system/haproxy.service.d")
+        dropins.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / hap.DROPIN, dropins)
+        sysd.run(["systemd-run", "--unit=standin", sys.executable, "-c", STANDIN_CODE, "18081", KEY])
+        sysd.run(["systemctl", "daemon-reload"])
+        proc = sysd.run(["systemctl", "restart", "haproxy"], check=False, timeout=60)
+        assert proc.returncode == 0, sysd.journal("haproxy")
+        probe = ("import sys, time\n"
+                 "from appliance.fleet.runtime import RuntimeAPI\n"
+                 "RuntimeAPI(sys.argv[1]).wait_status('n1', 'UP', 20)\n"
+                 "import urllib.request\n"
+                 "r = urllib.request.Request('http://127.0.0.1:18080/ready', headers={'Authorization': 'Bearer ' + sys.argv[2]})\n"
+                 "print(urllib.request.urlopen(r, timeout=10).status)\n")
+        proc = sysd.run([sys.executable, "-c", probe, str(hap.DEFAULT_SOCKET), KEY], check=False, timeout=60,
+                        env=clean_env(PYTHONPATH=str(REPO)))
+        assert proc.stdout.strip() == "200", proc.stderr[-2000:] + sysd.journal("haproxy")
+        # A reload (ExecReload: check, then USR2 to the master) keeps the key and the service.
+        sysd.run(["systemctl", "reload", "haproxy"], timeout=60)
+        proc = sysd.run([sys.executable, "-c", probe, str(hap.DEFAULT_SOCKET), KEY], check=False, timeout=60,
+                        env=clean_env(PYTHONPATH=str(REPO)))
+        assert proc.stdout.strip() == "200", proc.stderr[-2000:] + sysd.journal("haproxy")
+        assert sysd.path(str(hap.DEFAULT_SOCKET)).stat().st_mode & 0o777 == 0o600
+        main_pid = sysd.run(["systemctl", "show", "-p", "MainPID", "--value", "haproxy"]).stdout.strip()
+        workers = sysd.run(["pgrep", "-P", main_pid]).stdout.split()
+        uids = {sysd.run(["stat", "-c", "%U", f"/proc/{w}"]).stdout.strip() for w in workers}
+        assert uids == {"haproxy"}, uids
+        env = sysd.run(["systemctl", "show", "-p", "EnvironmentFiles", "haproxy"]).stdout
+        assert "/etc/haproxy/bankllm/health-key.env" in env
+    finally:
+        sysd.kill()
+        shutil.rmtree(sysd.workdir, ignore_errors=True)

@@ -61,14 +61,14 @@ def upgrade(socket, nodes, command, rollback_command, health_key_file, backend_c
     /ready, re-enable; a failed node is rolled back and the upgrade stops.
 
     \b
-    The same by hand, per node (SOCK = the socket, as root):
-      1. echo 'set server bankllm/NAME state drain' | socat stdio SOCK
-      2. echo 'show stat' | socat stdio SOCK   until bankllm,NAME has scur 0 and qcur 0
-      3. echo 'set server bankllm/NAME state maint' | socat stdio SOCK
+    The same by hand, per node, one node at a time (as root; SOCK = --socket):
+      1. bankllm fleet state --socket SOCK NAME drain    (no new requests; in-flight ones finish)
+      2. bankllm fleet state --socket SOCK NAME show     until it says sessions=0 queued=0
+      3. bankllm fleet state --socket SOCK NAME maint    (HAProxy stops sending and checking)
       4. ssh HOST sudo bankllm install --bundle B --trust K
       5. curl -fsS -H "Authorization: Bearer $(cat KEYFILE)" http://HOST:PORT/ready   until 200
-      6. echo 'set server bankllm/NAME state ready' | socat stdio SOCK
-      7. echo 'show stat' | socat stdio SOCK   until bankllm,NAME is UP; then the next node
+      6. bankllm fleet state --socket SOCK NAME ready
+      7. bankllm fleet state --socket SOCK NAME show     until it says UP; then the next node
     If 4 or 5 fails: roll that node back, wait for /ready, set it ready, and stop there.
     """
     from ..fleet.nodes import parse_nodes, read_key_file

@@ -172,8 +172,11 @@ def render_dropin(install_dir: Path, haproxy_bin: str = "/usr/sbin/haproxy") -> 
         f"ExecReload={haproxy_bin} -Ws -f {cfg} -c -q $EXTRAOPTS",
         "ExecReload=/bin/kill -USR2 $MAINPID",
         # Least privilege. The master keeps root only to bind, read its files and reload; workers run as the
-        # haproxy user in a chroot (haproxy.cfg). The capabilities are exactly those steps.
-        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_SYS_CHROOT CAP_CHOWN CAP_DAC_OVERRIDE",
+        # haproxy user in a chroot (haproxy.cfg). Capabilities: ports below 1024, the workers' user switch and
+        # chroot, and CAP_DAC_OVERRIDE because root creates the socket in Debian's /run/haproxy (owned by
+        # haproxy:haproxy; without it HAProxy does not start). tests/test_fleet.py starts and reloads the
+        # packaged unit with this drop-in under a booted systemd.
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_SYS_CHROOT CAP_DAC_OVERRIDE",
         "NoNewPrivileges=yes",
         "UMask=0077",
         "ProtectSystem=strict",
@@ -192,7 +195,8 @@ def render_dropin(install_dir: Path, haproxy_bin: str = "/usr/sbin/haproxy") -> 
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
         "SystemCallArchitectures=native",
-        "SystemCallFilter=@system-service",
+        # chroot(2) is in @privileged: HAProxy workers call it once, right after binding.
+        "SystemCallFilter=@system-service chroot",
         "",
     ])
 
