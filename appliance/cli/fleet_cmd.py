@@ -29,7 +29,7 @@ def fleet():
 @click.option("--timeout", "timeout_s", type=int, default=600, show_default=True,
               help="Longest silence from a node or a client, in seconds (above the nodes' request_timeout_s).")
 @click.option("--check", is_flag=True, help="First check every node's /ready answers 200 with the health key.")
-@click.option("--force", is_flag=True, help="Replace the files of a non-empty --out.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out (the whole directory: files rendered there before are removed).")
 def render(nodes, out, **options):
     """Write an haproxy.cfg (leastconn, /ready checks, safe retries, SSE unbuffered, per-node /metrics) and a
     systemd drop-in for haproxy.service; checked with `haproxy -c` when HAProxy is installed here."""

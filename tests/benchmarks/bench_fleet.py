@@ -71,6 +71,17 @@ def load(url: str, key: str, streams: int, per_stream: int, max_tokens: int) -> 
             "latency_p50_ms": round(statistics.median(d for _, _, d in flat) * 1000, 1)}
 
 
+def small_latency(url: str, key: str, n: int) -> float:
+    """Median ms of `n` sequential GET /ready on one kept-alive client connection: the per-request path cost."""
+    times = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+        for _ in range(n):
+            t = time.perf_counter()
+            c.get("/ready").raise_for_status()
+            times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1000, 3)
+
+
 def wait_ready(url: str, key: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,6 +101,7 @@ def main() -> int:
     ap.add_argument("--per-stream", type=int, default=2, help="requests each stream sends per measurement")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--small-requests", type=int, default=300, help="GET /ready per target for the per-request cost")
     ap.add_argument("--out", type=Path, default=Path("fleet-bench.json"))
     args = ap.parse_args()
 
@@ -128,6 +140,8 @@ def main() -> int:
             row = {}
             for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
                 row[name] = load(targets[name], key, args.streams, args.per_stream, args.max_tokens)
+            for name in ("direct", "haproxy-1"):
+                row[name]["ready_ms"] = small_latency(targets[name], key, args.small_requests)
             rounds.append(row)
             print(f"round {r + 1}:", {k: v["tok_s"] for k, v in row.items()}, flush=True)
     finally:
@@ -142,12 +156,15 @@ def main() -> int:
         return round(statistics.median(r[name][metric] for r in rounds), 2)
 
     summary = {name: {m: med(name, m) for m in ("tok_s", "ttft_p50_ms", "latency_p50_ms")} for name in targets}
+    added_ms = [r["haproxy-1"]["ready_ms"] - r["direct"]["ready_ms"] for r in rounds]
     overheads = [1 - r["haproxy-1"]["tok_s"] / r["direct"]["tok_s"] for r in rounds]
     scaling = [r["haproxy-2"]["tok_s"] / r["haproxy-1"]["tok_s"] for r in rounds]
     result = {"threads_per_node": args.threads, "streams": args.streams, "per_stream": args.per_stream,
               "max_tokens": args.max_tokens, "rounds": rounds, "median": summary, "cpus": os.cpu_count(),
               "haproxy_overhead_median": round(statistics.median(overheads), 4),
               "haproxy_overhead_range": [round(min(overheads), 4), round(max(overheads), 4)],
+              "ready_ms_direct": med("direct", "ready_ms"), "ready_ms_haproxy": med("haproxy-1", "ready_ms"),
+              "haproxy_added_ms_median": round(statistics.median(added_ms), 3),
               "two_vs_one_median": round(statistics.median(scaling), 3),
               "two_vs_one_range": [round(min(scaling), 3), round(max(scaling), 3)],
               "loadavg_before": load_before, "loadavg_after": load_after,
@@ -164,6 +181,9 @@ def main() -> int:
     print()
     print(f"HAProxy overhead (1 - haproxy-1/direct): median {result['haproxy_overhead_median']:.1%} "
           f"(rounds {result['haproxy_overhead_range'][0]:.1%} to {result['haproxy_overhead_range'][1]:.1%}; target <= 5%)")
+    print(f"per-request cost (GET /ready, sequential): direct {result['ready_ms_direct']} ms, through HAProxy "
+          f"{result['ready_ms_haproxy']} ms: HAProxy adds {result['haproxy_added_ms_median']} ms a request, against "
+          f"{summary['direct']['latency_p50_ms']:.0f} ms for a generation here")
     print(f"2 nodes / 1 node through HAProxy: median {result['two_vs_one_median']}x "
           f"(rounds {result['two_vs_one_range'][0]} to {result['two_vs_one_range'][1]})")
     print(f"note: {result['note']}")
