@@ -234,6 +234,9 @@ def render(nodes: list[Node], out: Path, *, health_key_file: Path, bind: str = "
         raise ConfigError(f"--bind {bind!r} is not ADDR:PORT", "write it as e.g. *:443 or 10.0.0.10:8080")
     if backend_ca is not None and not Path(backend_ca).is_file():
         raise InputError(f"--backend-ca {backend_ca} is not a file", "pass the CA certificate (PEM) the nodes' certificates chain to")
+    if timeout_s < 10:
+        raise ConfigError(f"--timeout {timeout_s} s is too short for a generation",
+                          "use more than the nodes' request_timeout_s (120 s by default); 600 is the default")
     key = read_key_file(health_key_file)
     pem = _tls_pem(tls_cert, tls_key) if tls_cert else None
     if check:
