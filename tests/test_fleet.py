@@ -572,7 +572,7 @@ def test_dropin_runs_haproxy_under_real_systemd(tmp_path):
     out = tmp_path / "lb"
     hap.render(parse_nodes(["n1=127.0.0.1:18081"]), out, health_key_file=key_file(tmp_path), bind="127.0.0.1:18080",
                install_dir=Path("/etc/haproxy/bankllm"))
-    sysd = BootedSystemd(REPO / ".cache" / "fleet-systemd" / str(os.getpid()))
+    sysd = BootedSystemd(REPO / ".cache" / f"fleet-systemd-{os.getpid()}" / "ns")
     try:
         sysd.start()
         shutil.copytree(out, sysd.path("/etc/haproxy/bankllm"))
@@ -606,4 +606,4 @@ def test_dropin_runs_haproxy_under_real_systemd(tmp_path):
         assert "/etc/haproxy/bankllm/health-key.env" in env
     finally:
         sysd.kill()
-        shutil.rmtree(sysd.workdir, ignore_errors=True)
+        shutil.rmtree(sysd.workdir.parent, ignore_errors=True)
