@@ -91,6 +91,11 @@ class AuditChainError(BankllmError):
     exit_code = 1
 
 
+# --- fleet: HAProxy in front of several appliances (issue 12) ---
+class FleetError(BankllmError):
+    """A fleet operation failed: HAProxy's runtime API, a node that is unreachable, or a node's upgrade."""
+
+
 def format_error(err: BaseException) -> str:
     """One line: what went wrong, then how to fix it."""
     if isinstance(err, BankllmError):
