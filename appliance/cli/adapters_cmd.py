@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..console import job
 from ..settings import Settings
 from .options import PATH, config_option
 
@@ -24,6 +25,7 @@ def adapters():
                                         "report names; checked by hash).")
 @click.option("--ppl-text", type=PATH, help="Banking text for the gate (default: the shipped one).")
 @config_option
+@job("adapters-build")  # library output to a log file, bankllm's own progress on the terminal (as `bankllm build`)
 def build(config, name, src, base_build, out, adapter_sha256, base, ppl_text):
     """Convert adapter SRC to a GGUF LoRA named NAME and gate it against BASE-BUILD's model.gguf."""
     from ..pipeline.build import run_adapter_build

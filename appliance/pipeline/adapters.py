@@ -192,7 +192,7 @@ def build_adapter(settings: Settings, item: AdapterInput, base: BaseInfo, templa
     work.mkdir(parents=True, exist_ok=True)
     gguf = work / adapter_file(name, "gguf")
     with progress.stage(f"adapter {name}: convert to GGUF LoRA") as rec:
-        info: LoraGgufInfo = convert_lora(lora.path, base.path, f16, gguf)
+        info: LoraGgufInfo = convert_lora(lora.path, base.path, f16, gguf)  # seconds: redone, never trusted stale
         rec["detail"] = f"rank {info.rank}, alpha {info.alpha:g}, {info.tensors} tensors"
     with progress.stage(f"adapter {name}: f16 reference (merged)") as rec:
         reference = work / "merged-f16.gguf"

@@ -371,7 +371,9 @@ def run_adapter_build(settings: Settings, name: str, src: str, base_build: Path,
         progress.info(f"[bankllm] adapter {name} is up to date in {out}")
         return AdapterBuildResult(out, name, existing, reused=True)
 
-    work = Path(settings.data_dir) / "work" / f"adapter-{digest[:12]}"
+    # Keyed by what the heavy files depend on (not the gate's thresholds): a rerun after a refusal reuses them.
+    work_key = sha256_bytes(json.dumps([item.digests(), base_tree, model_sha, template]).encode())
+    work = Path(settings.data_dir) / "work" / f"adapter-{work_key[:12]}"
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(work)
     with progress.stage("convert base to base-f16.gguf"):
