@@ -94,6 +94,20 @@ def test_adapter_names_and_specs():
         parse_adapter_specs(["a=/a", "b=/b"], ["0" * 64])
 
 
+@pytest.mark.fast
+def test_adapter_verdict_bands_and_kld_cap():
+    from appliance.pipeline.adapters import _verdict
+
+    settings = Settings()
+    cap = settings.adapter_gate_max_kld
+    assert _verdict(settings.gate_ship_below / 2, cap / 10, settings) == "ship"
+    assert _verdict(settings.gate_warn_below * 0.9, cap / 10, settings) == "warn"
+    # No ladder for an adapter: what would escalate a base quant refuses the adapter.
+    assert _verdict((settings.gate_warn_below + settings.gate_escalate_below) / 2, cap / 10, settings) == "refuse"
+    # A wrong (or missing) adapter can lower perplexity; the KL cap refuses it anyway.
+    assert _verdict(-0.2, cap * 1.5, settings) == "refuse"
+
+
 # --- the build ------------------------------------------------------------------------------------
 
 def test_multi_adapter_layout_reports_and_hashes(multi_built, cards_adapter, fraud_adapter):
