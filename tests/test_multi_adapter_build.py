@@ -14,6 +14,7 @@ from appliance.artifacts import (ADAPTER_NAME_RE, MODEL_FILE, MODELFILE_FILE, RE
                                  adapter_names, check_adapter_name, read_adapter_report, read_report, read_task)
 from appliance.errors import AdapterMismatchError, InputError
 from appliance.fsutil import sha256_file
+from appliance.pipeline import modelfile as mf
 from appliance.pipeline.adapters import name_from_source, parse_adapter_specs
 from appliance.settings import Settings
 
@@ -63,7 +64,7 @@ def fraud_adapter(base_dir) -> Path:
 @pytest.fixture(scope="module")
 def multi_built(base_dir, cards_adapter, fraud_adapter, shared_data_dir) -> Path:
     """A real two-adapter build (Q4_K_M base, no ladder), run with no network at all; cached by its inputs."""
-    out = CACHE / f"multi-build-{_digest(base_dir.name, cards_adapter.name, fraud_adapter.name, 'v1')}"
+    out = CACHE / f"multi-build-{_digest(base_dir.name, cards_adapter.name, fraud_adapter.name, 'v2')}"
     proc = run_cli("build", "--base", base_dir, "--adapter", f"cards={cards_adapter}", "--adapter",
                    f"fraud={fraud_adapter}", "--quant", "Q4_K_M", "--out", out, env=_env(shared_data_dir), netns=True)
     assert proc.returncode == 0, proc.stderr
@@ -118,8 +119,8 @@ def test_multi_adapter_layout_reports_and_hashes(multi_built, cards_adapter, fra
     assert report["chosen"]["sha256"] == model_sha
     assert adapter_names(multi_built) == ["cards", "fraud"] == sorted(report["adapters"])
     want = {MODEL_FILE, MODELFILE_FILE, REPORT_FILE}
-    want |= {adapter_file("cards", k) for k in ("gguf", "labels", "task", "answers", "report")}
-    want |= {adapter_file("fraud", k) for k in ("gguf", "report")}  # a chat adapter: no labels, task, answers
+    want |= {adapter_file("cards", k) for k in ("gguf", "labels", "task", "answers", "modelfile", "report")}
+    want |= {adapter_file("fraud", k) for k in ("gguf", "modelfile", "report")}  # chat: no labels, task, answers
     assert {p.name for p in multi_built.iterdir()} == want
     # Every file but the report itself is listed in the report with its sha256.
     assert report["outputs"] == {name: sha256_file(multi_built / name) for name in want - {REPORT_FILE}}
@@ -151,8 +152,16 @@ def test_multi_adapter_layout_reports_and_hashes(multi_built, cards_adapter, fra
         json.loads((cards_adapter / "labels.json").read_text())
     # The two adapters are different models: their gate references differ.
     assert cards["gate"]["f16_ppl"] != read_adapter_report(multi_built, "fraud")["gate"]["f16_ppl"]
-    # The Modelfile is the base's (Ollama binds one adapter per model; bankllm serves the adapters).
-    assert "ADAPTER" not in (multi_built / MODELFILE_FILE).read_text()
+    # The Modelfile is the base's; Ollama binds one adapter per model, so each adapter has its own Modelfile
+    # (bankllm serves them all from the one base).
+    assert mf.parse((multi_built / MODELFILE_FILE).read_text()).adapters == []
+    base_mf = mf.parse((multi_built / MODELFILE_FILE).read_text())
+    for name, system in (("cards", task.system_prompt), ("fraud", base_mf.system)):
+        text = (multi_built / adapter_file(name, "modelfile")).read_text()
+        parsed = mf.parse(text)
+        assert mf.parse(parsed.to_string()) == parsed and text.startswith("FROM ./model.gguf\n")
+        assert parsed.adapters == [f"./{adapter_file(name, 'gguf')}"] and parsed.system == system
+        assert (parsed.template, parsed.param_values("stop")) == (base_mf.template, base_mf.param_values("stop"))
 
 
 def test_rerun_does_no_work(multi_built, base_dir, cards_adapter, fraud_adapter, shared_data_dir):
@@ -175,13 +184,15 @@ def test_adapters_build_adds_a_third(multi_built, base_dir, shared_data_dir, tmp
     proc = run_cli("adapters", "build", "loans", third, "--base-build", multi_built, "--out", out,
                    env=_env(shared_data_dir))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == [adapter_file("loans", "gguf"), adapter_file("loans", "report")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(adapter_file("loans", k) for k in ("gguf", "modelfile", "report"))
     report = read_adapter_report(out, "loans")
     assert report["base"]["model_sha256"] == sha256_file(multi_built / MODEL_FILE)
     assert report["base"]["build_id"] == read_report(multi_built)["build_id"]
     assert report["gguf_sha256"] == sha256_file(out / adapter_file("loans", "gguf"))
     assert report["verdict"] in ("ship", "warn") and report["lora"]["rank"] == 4
-    assert report["files"] == {adapter_file("loans", "gguf"): report["gguf_sha256"]}
+    assert report["files"] == {name: sha256_file(out / name) for name in
+                               (adapter_file("loans", "gguf"), adapter_file("loans", "modelfile"))}
+    assert report["files"][adapter_file("loans", "gguf")] == report["gguf_sha256"]
     # A name the build already has, an unsafe name, and the build itself as --out: refused before any work.
     for args, message in ((["cards", third, "--out", tmp_path / "x"], "already in"),
                           (["../evil", third, "--out", tmp_path / "x"], "not a safe identifier"),

@@ -30,6 +30,7 @@ from .convert import convert_to_gguf
 from .gate import Gate, verdict_for
 from .lora_gguf import LoraGgufInfo, convert_lora
 from .merge import merge_adapter, with_chat_template
+from .modelfile import write_modelfile
 from .progress import Progress
 
 
@@ -260,8 +261,11 @@ def _verdict(ppl_increase: float, mean_kld: float, settings: Settings) -> str:
     return verdict
 
 
-def write_adapter_files(directory: Path, built: BuiltAdapter) -> dict[str, str]:
-    """Write adapter NAME's files into `directory` (a temp dir being assembled); return {file: sha256}."""
+def write_adapter_files(directory: Path, built: BuiltAdapter, template: str, settings: Settings) -> dict[str, str]:
+    """Write adapter NAME's files into `directory` (a temp dir being assembled); return {file: sha256}.
+
+    adapter.NAME.Modelfile is for Ollama beside model.gguf (Ollama binds one ADAPTER per model); bankllm serves
+    every adapter from the one base itself."""
     name, item = built.item.name, built.item
     files: dict[str, str] = {}
 
@@ -278,6 +282,9 @@ def write_adapter_files(directory: Path, built: BuiltAdapter) -> dict[str, str]:
     if built.task is not None:  # the task names its label file beside it
         task = dataclasses.replace(built.task, labels=adapter_file(name, "labels") if item.labels else None)
         put("task", lambda p: write_task(p, task))
+    system = built.task.system_prompt if built.task is not None else settings.system_prompt
+    put("modelfile", lambda p: write_modelfile(p, template, system, settings.seq_ctx,
+                                               adapter=f"./{adapter_file(name, 'gguf')}"))
     built.report["files"] = dict(files)
     write_adapter_report(directory, built.report)
     built.files = dict(files, **{adapter_file(name, "report"): sha256_file(Path(directory) / adapter_file(name, "report"))})

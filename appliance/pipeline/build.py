@@ -289,7 +289,7 @@ def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], 
         write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
         outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
         for b in built:
-            outputs.update(write_adapter_files(tmp, b))
+            outputs.update(write_adapter_files(tmp, b, template, settings))
         report = {
             "schema": REPORT_SCHEMA, "kind": "multi-adapter", "build_id": build_id, "inputs_digest": digest,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -383,7 +383,7 @@ def run_adapter_build(settings: Settings, name: str, src: str, base_build: Path,
     built = build_adapter(settings, item, base_info, template, f16, model, base_record, text, work, progress)
     built.report["inputs_digest"] = digest
     with atomic_dir(out) as tmp:
-        write_adapter_files(tmp, built)
+        write_adapter_files(tmp, built, template, settings)
     shutil.rmtree(work, ignore_errors=True)
     gate = built.report["gate"]
     progress.summary(f"adapter {name}: gate verdict {built.report['verdict']}",
