@@ -12,9 +12,10 @@ import pytest
 
 from appliance.artifacts import (ADAPTER_NAME_RE, MODEL_FILE, MODELFILE_FILE, REPORT_FILE, adapter_file,
                                  adapter_names, check_adapter_name, read_adapter_report, read_report, read_task)
-from appliance.errors import AdapterMismatchError, InputError
+from appliance.errors import AdapterMismatchError, ChecksumError, InputError
 from appliance.fsutil import sha256_file
 from appliance.pipeline import modelfile as mf
+from appliance.pipeline.adapter import directory_digest
 from appliance.pipeline.adapters import name_from_source, parse_adapter_specs
 from appliance.settings import Settings
 
@@ -250,4 +251,8 @@ def test_bad_adapters_fail_in_one_line_and_leave_nothing(base_dir, fraud_adapter
         run_build(settings, base=base_dir, adapter=[str(fraud_adapter), str(fraud_adapter)], out=out)
     with pytest.raises(InputError, match="not a safe identifier"):
         run_build(settings, base=base_dir, adapter=[f"ok={fraud_adapter}", f"Bad_Name={fraud_adapter}"], out=out)
+    with pytest.raises(ChecksumError, match="sha256 mismatch") as info:  # each adapter has its own pin
+        run_build(settings, base=base_dir, adapter=[f"ok={fraud_adapter}", f"pinned={fraud_adapter}"],
+                  adapter_sha256=["pinned=" + "0" * 64], out=out)
+    assert directory_digest(fraud_adapter) in str(info.value)
     assert not (tmp_path / "builds").exists() and not (tmp_path / "data" / "work").exists()
