@@ -185,7 +185,8 @@ def test_adapters_build_adds_a_third(multi_built, base_dir, shared_data_dir, tmp
     proc = run_cli("adapters", "build", "loans", third, "--base-build", multi_built, "--out", out,
                    env=_env(shared_data_dir))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(adapter_file("loans", k) for k in ("gguf", "modelfile", "report"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(adapter_file("loans", k)
+                                                           for k in ("gguf", "modelfile", "report"))
     report = read_adapter_report(out, "loans")
     assert report["base"]["model_sha256"] == sha256_file(multi_built / MODEL_FILE)
     assert report["base"]["build_id"] == read_report(multi_built)["build_id"]

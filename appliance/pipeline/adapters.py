@@ -142,7 +142,8 @@ def check_rank_and_targets(lora: Adapter, base: BaseInfo) -> None:
                                        "does not have", "use an adapter trained on this base")
 
 
-def answers_for(settings: Settings, labels: list[str] | None, own: Path | None = None) -> tuple[object | None, str | None]:
+def answers_for(settings: Settings, labels: list[str] | None,
+                own: Path | None = None) -> tuple[object | None, str | None]:
     """(approved answers, why none) for a classifier: its own file, else the bank's, else the shipped library."""
     if not labels:
         return None, None
@@ -156,7 +157,8 @@ def answers_for(settings: Settings, labels: list[str] | None, own: Path | None =
         return None, f"{exc.message}; /api/v1/chat is off until you set answers_file ({exc.fix})"
 
 
-def prepare_adapters(settings: Settings, specs: list[tuple[str, str, str | None]], base: BaseInfo) -> list[AdapterInput]:
+def prepare_adapters(settings: Settings, specs: list[tuple[str, str, str | None]],
+                     base: BaseInfo) -> list[AdapterInput]:
     """Resolve (pin-checked), fit-check and read every adapter, before any heavy work."""
     cache_dir = Path(settings.data_dir) / "cache"
     items = []
@@ -220,7 +222,8 @@ def build_adapter(settings: Settings, item: AdapterInput, base: BaseInfo, templa
     if verdict == "refuse":
         raise GateRefusedError(
             f"adapter {name} refused by the gate: with it the shipped {base_record['quant']} base is "
-            f"{score.ppl_increase:+.1%} in perplexity against its own f16 merge (limit {settings.gate_warn_below:.0%}), "
+            f"{score.ppl_increase:+.1%} in perplexity against its own f16 merge "
+            f"(limit {settings.gate_warn_below:.0%}), "
             f"KLD {score.mean_kld:.4f} (limit {settings.adapter_gate_max_kld:g}), top-1 {score.top1_agreement:.1%}",
             f"check adapter {name} was trained on this base, or build without it")
 
@@ -287,7 +290,8 @@ def write_adapter_files(directory: Path, built: BuiltAdapter, template: str, set
                                                adapter=f"./{adapter_file(name, 'gguf')}"))
     built.report["files"] = dict(files)
     write_adapter_report(directory, built.report)
-    built.files = dict(files, **{adapter_file(name, "report"): sha256_file(Path(directory) / adapter_file(name, "report"))})
+    report = Path(directory) / adapter_file(name, "report")
+    built.files = dict(files, **{report.name: sha256_file(report)})
     return built.files
 
 
