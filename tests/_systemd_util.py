@@ -97,6 +97,10 @@ for d in etc opt var root; do
   mkdir -p /mnt/$d/upper /mnt/$d/work
   mount -t overlay overlay -o lowerdir=/$d,upperdir=/mnt/$d/upper,workdir=/mnt/$d/work /$d
 done
+# What earlier tests on this machine left (a foreground `serve --as-user` makes /var/log/bankllm for its user) is
+# hidden here: systemd's DynamicUser= would try to move such a directory under private/, which an overlay's lower
+# layer refuses (EXDEV). Removing it in the overlay leaves the machine's own copy alone.
+rm -rf /var/log/bankllm /var/log/private/bankllm /var/lib/bankllm /var/lib/bankllm-state /var/lib/private/bankllm*
 # A checkout under /tmp (a CI clone, say) stays visible through the private /tmp.
 KEEP="@KEEP@"
 if [ -n "$KEEP" ]; then mkdir -p /mnt/keep && mount --bind "$KEEP" /mnt/keep; fi
