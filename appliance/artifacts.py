@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 from .errors import InputError, LabelsError
@@ -271,3 +272,77 @@ class AdapterDir(_TaskDir):
             raise InputError(f"adapter {self.path} is a {config.get('peft_type')!r} adapter, not LoRA",
                              "pass a LoRA adapter")
         return config
+
+
+# --- served adapters (issue 13): flat adapter.NAME.* files beside model.gguf ------------------------
+# Flat on purpose: bundles carry one directory level and signatures refuse subdirectories.
+
+ADAPTER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # an adapter's name is its model id
+ADAPTER_NAME_RULE = "a lowercase letter, then up to 31 of a-z, 0-9, '_' or '-'"
+ADAPTER_PREFIX = "adapter."
+ADAPTER_REPORT_SCHEMA = 1
+# suffix of each file an adapter NAME owns: adapter.NAME<suffix>
+ADAPTER_SUFFIXES = {"gguf": ".gguf", "labels": ".labels.json", "task": ".task.json", "answers": ".answers.toml",
+                    "report": ".report.json"}
+ADAPTER_REPORT_REQUIRED = ("schema", "name", "source", "adapter_sha256", "gguf_sha256", "base", "gate", "verdict",
+                           "files")
+
+
+def check_adapter_name(name: str) -> str:
+    """`name` when it is a safe adapter name (a model id and a file-name part), else InputError."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
+        raise InputError(f"adapter name {name!r} is not a safe identifier",
+                         f"name it with {ADAPTER_NAME_RULE} (e.g. cards, mortgages-v2)")
+    return name
+
+
+def adapter_file(name: str, kind: str) -> str:
+    """The file name of one of adapter NAME's files (kind: gguf, labels, task, answers, report)."""
+    return f"{ADAPTER_PREFIX}{check_adapter_name(name)}{ADAPTER_SUFFIXES[kind]}"
+
+
+def adapter_names(directory: Path) -> list[str]:
+    """The adapters a directory holds (those with a report file), sorted."""
+    suffix = ADAPTER_SUFFIXES["report"]
+    names = []
+    for path in Path(directory).glob(f"{ADAPTER_PREFIX}*{suffix}"):
+        name = path.name[len(ADAPTER_PREFIX):-len(suffix)]
+        if ADAPTER_NAME_RE.fullmatch(name):
+            names.append(name)
+    return sorted(names)
+
+
+def check_adapter_report(report: dict) -> None:
+    fix = "rebuild the adapter (`bankllm build --adapter ...` or `bankllm adapters build`)"
+    if not isinstance(report, dict):
+        raise InputError("adapter report is not a JSON object", fix)
+    missing = [k for k in ADAPTER_REPORT_REQUIRED if k not in report]
+    if missing:
+        raise InputError(f"adapter report lacks {', '.join(missing)}", fix)
+    if report["schema"] != ADAPTER_REPORT_SCHEMA:
+        raise InputError(f"adapter report schema {report['schema']} is not {ADAPTER_REPORT_SCHEMA}",
+                         "rebuild the adapter with this bankllm version")
+    check_adapter_name(report["name"])
+
+
+def read_adapter_report(directory: Path, name: str) -> dict:
+    """Parse and check adapter NAME's report in `directory`."""
+    path = Path(directory) / adapter_file(name, "report")
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist: adapter {name} was not built here",
+                         "build it (`bankllm adapters build`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})", "rebuild the adapter") from None
+    check_adapter_report(report)
+    if report["name"] != name:
+        raise InputError(f"{path} is the report of adapter {report['name']!r}, not {name!r}", "rebuild the adapter")
+    return report
+
+
+def write_adapter_report(directory: Path, report: dict) -> Path:
+    check_adapter_report(report)
+    path = Path(directory) / adapter_file(report["name"], "report")
+    write_json_atomic(path, report)
+    return path
