@@ -1,0 +1,300 @@
+"""Several adapters on one base (issue 13, items 3 and 4): a model id per adapter, chosen per request, each with its
+own labels, threshold, prompt and answers; added and removed hot through admin routes, kept across restarts.
+
+Fast tier: the real app and middleware over a FakeEngine (a different reply per adapter). Real tier (end of file):
+the real engine with two GGUF LoRAs on the f16 base, through a real `bankllm serve`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from appliance.errors import ConfigError
+from appliance.fsutil import sha256_file
+from appliance.service.adapters import manifest_sha256
+from appliance.service.app import create_app
+from appliance.service.engine.fake import FakeEngine
+from appliance.service.keys import create_key
+from appliance.settings import Settings
+from tests._adapter_util import write_adapter
+from tests.test_assistant_routes import LABELS, make_build
+
+CARD_LABELS = ["lost_or_stolen_card", "card_arrival", "card_payment_fee_charged"]
+REPLIES = {"cards": "answered by cards", "chat": "answered by chat"}
+
+
+def pick_first(prob: float):
+    """The fake's label choice: the first allowed label at `prob` (what it is allowed to pick shows the label set)."""
+    return lambda _prompt, answers: [(answers[0], prob)]
+
+
+def setup_build(tmp_path: Path) -> tuple[Path, str]:
+    """A build with the base (Banking77 labels, threshold 0.9) and two adapters: `cards` (a classifier with its own
+    three labels, prompt and threshold 0.5) and `chat` (no labels)."""
+    build = make_build(tmp_path, threshold=0.9)
+    base_sha = sha256_file(build / "model.gguf")
+    write_adapter(build, "cards", base_sha, labels=CARD_LABELS, system_prompt="Classify the card intent.",
+                  threshold=0.5, temperature=1.1)
+    write_adapter(build, "chat", base_sha)
+    return build, base_sha
+
+
+class App:
+    """One app over a fresh FakeEngine; `restart()` makes a new one on the same settings (state dir included)."""
+
+    def __init__(self, tmp_path: Path, build: Path, prob: float = 0.7, step_s: float = 0.0):
+        self.keys_file = tmp_path / "api-keys"
+        if not self.keys_file.exists():
+            create_key(self.keys_file, "user")
+        self.user = create_key(self.keys_file, "user2")[1]
+        self.admin = create_key(self.keys_file, "admin", scopes=["admin"])[1]
+        self.settings = Settings.load(env={}, model=build, keys_file=self.keys_file, state_dir=tmp_path / "state")
+        self.prob, self.step_s = prob, step_s
+        self.engine = None
+
+    def client(self) -> TestClient:
+        self.engine = FakeEngine(reply="answered by the base", adapter_replies=REPLIES, choose=pick_first(self.prob),
+                                 n_slots=4, step_s=self.step_s)
+        engine = self.engine
+        return TestClient(create_app(self.settings, engine_factory=lambda _s, _g: engine))
+
+    def h(self, admin: bool = False) -> dict:
+        return {"Authorization": f"Bearer {self.admin if admin else self.user}"}
+
+
+def chat(c, app: App, model: str | None, **kw):
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 40, **kw}
+    if model is not None:
+        body["model"] = model
+    return c.post("/v1/chat/completions", json=body, headers=app.h())
+
+
+@pytest.mark.fast
+def test_models_lists_the_base_and_each_adapter_and_model_picks_one(tmp_path):
+    build, _ = setup_build(tmp_path)
+    app = App(tmp_path, build)
+    with app.client() as c:
+        data = c.get("/v1/models", headers=app.h()).json()["data"]
+        assert [(m["id"], m["base"], m["parent"]) for m in data] == [
+            ("bankllm", True, None), ("cards", False, "bankllm"), ("chat", False, "bankllm")]
+        assert {m["id"]: m["classifier"] for m in data} == {"bankllm": True, "cards": True, "chat": False}
+        assert c.get("/v1/models/cards", headers=app.h()).json()["parent"] == "bankllm"
+        for model, want in ((None, "answered by the base"), ("bankllm", "answered by the base"),
+                            ("cards", "answered by cards"), ("chat", "answered by chat")):
+            r = chat(c, app, model)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want
+            assert r.json()["model"] == (model or "bankllm")
+            r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 40, **({"model": model} if model else {})},
+                       headers=app.h())
+            assert r.json()["choices"][0]["text"] == want and r.json()["model"] == (model or "bankllm")
+        # The engine was asked for exactly the adapter each request named.
+        assert [p.adapter for _, p, _ in app.engine.submitted[-8:]] == [None, None, None, None, "cards", "cards",
+                                                                        "chat", "chat"]
+        # A streamed answer on an adapter, too.
+        with c.stream("POST", "/v1/chat/completions", headers=app.h(), json={
+                "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+            text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                           for line in r.iter_lines() if line.startswith("data: {"))
+        assert text == "answered by chat"
+
+
+@pytest.mark.fast
+def test_unknown_model_is_a_404_naming_the_served_ones(tmp_path):
+    build, _ = setup_build(tmp_path)
+    app = App(tmp_path, build)
+    with app.client() as c:
+        calls = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                 ("/v1/completions", {"prompt": "hi"}), ("/api/v1/chat", {"message": "hi"}),
+                 ("/api/v1/classify", {"text": "hi"})]
+        for path, body in calls:
+            r = c.post(path, json={**body, "model": "mortgages"}, headers=app.h())
+            assert r.status_code == 404, (path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "model_not_found" and err["param"] == "model"
+            for name in ("'bankllm'", "'cards'", "'chat'", "'mortgages'"):
+                assert name in err["message"], err
+        assert c.get("/v1/models/mortgages", headers=app.h()).status_code == 404
+
+
+@pytest.mark.fast
+def test_each_adapter_classifies_with_its_own_labels_prompt_and_threshold(tmp_path):
+    build, _ = setup_build(tmp_path)
+    app = App(tmp_path, build, prob=0.7)  # between cards' threshold (0.5) and the base's (0.9)
+    with app.client() as c:
+        base = c.post("/api/v1/classify", json={"text": "where is my card"}, headers=app.h()).json()
+        cards = c.post("/api/v1/classify", json={"text": "where is my card", "model": "cards"}, headers=app.h())
+        assert cards.status_code == 200, cards.text
+        cards = cards.json()
+        assert base["intent"] == LABELS[0] != CARD_LABELS[0] and base["in_scope"] is False  # below the base's 0.9
+        assert cards["intent"] == CARD_LABELS[0] and cards["in_scope"] is True and cards["model"] == "cards"
+        tokens, params, _ = app.engine.submitted[-1]
+        assert params.adapter == "cards" and params.choices.temperature == pytest.approx(1.1)
+        assert "Classify the card intent." in app.engine.detokenize(tokens)
+        r = c.post("/api/v1/classify", json={"text": "hi", "model": "chat"}, headers=app.h())
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_labels" and "'chat'" in r.text
+
+
+@pytest.mark.fast
+def test_banking_chat_uses_the_adapters_answers_and_a_conversation_stays_on_its_model(tmp_path):
+    build, _ = setup_build(tmp_path)
+    app = App(tmp_path, build, prob=0.97)
+    with app.client() as c:
+        r = c.post("/api/v1/chat", json={"message": "my card has not come", "model": "cards"}, headers=app.h())
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["intent"] == CARD_LABELS[0] and body["source"] == "approved" and body["model"] == "cards"
+        assert app.engine.submitted[-1][1].adapter == "cards"
+        conv = body["conversation_id"]
+        on_base = c.post("/api/v1/chat", json={"message": "and now?", "conversation_id": conv}, headers=app.h())
+        assert on_base.status_code == 404 and "'bankllm'" in on_base.json()["error"]["message"]
+        again = c.post("/api/v1/chat", json={"message": "and now?", "conversation_id": conv, "model": "cards"},
+                       headers=app.h())
+        assert again.status_code == 200 and again.json()["conversation_id"] == conv
+
+
+def add(c, app: App, name: str, path: Path, sha256: str | None = None):
+    body = {"name": name, "path": str(path)}
+    if sha256:
+        body["sha256"] = sha256
+    return c.post("/admin/adapters", json=body, headers=app.h(admin=True))
+
+
+@pytest.mark.fast
+def test_admin_routes_need_the_admin_scope(tmp_path):
+    build, _ = setup_build(tmp_path)
+    app = App(tmp_path, build)
+    with app.client() as c:
+        for method, path, body in (("GET", "/admin/adapters", None),
+                                   ("POST", "/admin/adapters", {"name": "x", "path": str(tmp_path)}),
+                                   ("DELETE", "/admin/adapters/cards", None)):
+            r = c.request(method, path, json=body, headers=app.h())
+            assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope", (path, r.text)
+        assert chat(c, app, "cards").status_code == 200  # the refused DELETE removed nothing
+        listing = c.get("/admin/adapters", headers=app.h(admin=True)).json()
+        assert [a["name"] for a in listing["adapters"]] == ["cards", "chat"]
+        cards = listing["adapters"][0]
+        assert cards["origin"] == "build" and cards["verdict"] == "ship" and cards["gate"]["mean_kld"] == 0.05
+        assert cards["labels"] == 3 and cards["threshold"] == 0.5 and cards["manifest_sha256"]
+
+
+@pytest.mark.fast
+def test_hot_add_and_remove_persist_across_a_restart(tmp_path):
+    build, base_sha = setup_build(tmp_path)
+    src = write_adapter(tmp_path / "incoming", "mortgages", base_sha, labels=["card_arrival", "out_of_scope"],
+                        threshold=0.6)
+    app = App(tmp_path, build)
+    with app.client() as c:
+        assert chat(c, app, "mortgages").status_code == 404
+        r = add(c, app, "mortgages", src, sha256=manifest_sha256(src, "mortgages"))
+        assert r.status_code == 201, r.text
+        assert r.json()["adapter"]["origin"] == "added"
+        assert [m["id"] for m in c.get("/v1/models", headers=app.h()).json()["data"]] == [
+            "bankllm", "cards", "chat", "mortgages"]
+        r = c.post("/api/v1/classify", json={"text": "x", "model": "mortgages"}, headers=app.h())
+        assert r.json()["intent"] == "card_arrival" and r.json()["in_scope"] is True  # 0.7 >= its own 0.6
+        assert app.engine.adapters_loaded["mortgages"].startswith(str(tmp_path / "state" / "adapters"))
+        r = c.delete("/admin/adapters/chat", headers=app.h(admin=True))  # a build adapter
+        assert r.status_code == 200 and r.json()["served"] == ["bankllm", "cards", "mortgages"]
+        assert chat(c, app, "chat").status_code == 404
+    index = json.loads((tmp_path / "state" / "adapters.json").read_text())
+    assert set(index["added"]) == {"mortgages"} and index["removed"] == ["chat"]
+    assert (tmp_path / "state" / "adapters" / "adapter.mortgages.gguf").is_file()
+    # The source may go away: the service serves its own copy.
+    for f in src.iterdir():
+        f.unlink()
+    with app.client() as c:  # a restart keeps the set
+        assert [m["id"] for m in c.get("/v1/models", headers=app.h()).json()["data"]] == [
+            "bankllm", "cards", "mortgages"]
+        assert chat(c, app, "mortgages").json()["choices"][0]["message"]["content"] == "answered by the base"
+        assert sorted(app.engine.adapters_loaded) == ["cards", "mortgages"]
+        assert c.delete("/admin/adapters/mortgages", headers=app.h(admin=True)).status_code == 200
+    assert not (tmp_path / "state" / "adapters" / "adapter.mortgages.gguf").exists()
+    with app.client() as c:
+        assert [m["id"] for m in c.get("/v1/models", headers=app.h()).json()["data"]] == ["bankllm", "cards"]
+
+
+@pytest.mark.fast
+def test_bad_adapters_are_refused_and_the_service_keeps_serving(tmp_path):
+    build, base_sha = setup_build(tmp_path)
+    other = write_adapter(tmp_path / "other-base", "other", "f" * 64)
+    failed = write_adapter(tmp_path / "failed", "failed", base_sha, verdict="fail", mean_kld=0.9)
+    tampered = write_adapter(tmp_path / "tampered", "tampered", base_sha)
+    (tampered / "adapter.tampered.gguf").write_bytes(b"GGUF changed")
+    good = write_adapter(tmp_path / "good", "good", base_sha)
+    dup = write_adapter(tmp_path / "dup", "cards", base_sha)
+    app = App(tmp_path, build)
+    with app.client() as c:
+        cases = [
+            (("Bad Name", good), 400, "not a safe identifier"),
+            (("../x", good), 400, "not a safe identifier"),
+            (("cards", dup), 409, "served already"),
+            (("bankllm", good), 409, "the base model"),
+            (("other", other), 400, "another base"),
+            (("failed", failed), 400, "failed its gate"),
+            (("tampered", tampered), 400, "does not match the sha256"),
+            (("good", Path("relative/dir")), 400, "absolute path"),
+            (("good", tmp_path / "missing"), 400, "absolute path"),
+            (("missing", good), 400, "does not exist"),
+        ]
+        for (name, path), status, words in cases:
+            r = add(c, app, name, path)
+            assert r.status_code == status, (name, r.text)
+            assert words in r.json()["error"]["message"], (name, r.json())
+            assert "\n" not in r.json()["error"]["message"]
+        r = add(c, app, "good", good, sha256="0" * 64)
+        assert r.status_code == 400 and "manifest sha256" in r.json()["error"]["message"]
+        r = c.delete("/admin/adapters/bankllm", headers=app.h(admin=True))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "last_model"
+        r = c.delete("/admin/adapters/nope", headers=app.h(admin=True))
+        assert r.status_code == 404 and "'cards'" in r.json()["error"]["message"]
+        # Nothing changed: the same models answer, nothing was stored.
+        assert [m["id"] for m in c.get("/v1/models", headers=app.h()).json()["data"]] == ["bankllm", "cards", "chat"]
+        assert chat(c, app, "cards").json()["choices"][0]["message"]["content"] == "answered by cards"
+        assert sorted(app.engine.adapters_loaded) == ["cards", "chat"]
+        assert not (tmp_path / "state" / "adapters.json").exists()
+        assert add(c, app, "good", good).status_code == 201  # and a good one still goes in
+
+
+@pytest.mark.fast
+def test_a_build_adapter_that_fails_its_checks_refuses_the_start(tmp_path):
+    build, base_sha = setup_build(tmp_path)
+    write_adapter(build, "wrong", "e" * 64)
+    with pytest.raises(ConfigError) as err:
+        Settings_ = Settings.load(env={}, model=build, require_keys=False, state_dir=tmp_path / "s")
+        create_app(Settings_, engine_factory=lambda _s, _g: FakeEngine())
+    assert "adapter wrong" in err.value.message and "another base" in err.value.message
+    assert "adapters build" in err.value.fix
+
+
+@pytest.mark.fast
+def test_requests_in_flight_on_a_removed_adapter_finish(tmp_path):
+    build, _ = setup_build(tmp_path)
+    app = App(tmp_path, build, step_s=0.02)  # "answered by chat": 16 tokens, about 0.3 s
+    with app.client() as c:
+        result = {}
+
+        def stream():
+            with c.stream("POST", "/v1/chat/completions", headers=app.h(), json={
+                    "model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+                result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        deadline = time.monotonic() + 10
+        while app.engine.active == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert app.engine.active == 1
+        r = c.delete("/admin/adapters/chat", headers=app.h(admin=True))
+        assert r.status_code == 200
+        assert chat(c, app, "chat").status_code == 404  # new requests: 404 at once
+        t.join(10)
+        lines = result["lines"]
+        text = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content", "") for x in lines if x != "data: [DONE]")
+        assert text == "answered by chat" and lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "stop"
