@@ -298,3 +298,128 @@ def test_requests_in_flight_on_a_removed_adapter_finish(tmp_path):
         text = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content", "") for x in lines if x != "data: [DONE]")
         assert text == "answered by chat" and lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "stop"
+
+
+# --- real tier: the real engine, two GGUF LoRAs on the f16 base, a real `bankllm serve` ---------------------------
+
+PROMPT = "Count from 1 to 300, separated by commas."
+
+
+@pytest.fixture(scope="module")
+def real_setup(f16_pair, base_dir, lora_adapter, tmp_path_factory):
+    """A build dir serving the f16 base with a random LoRA as `rand` (a chat adapter), and a source dir with the
+    shipped adapter as `cards` (a classifier) to add hot; both converted with convert_lora against the base f16."""
+    from appliance.pipeline.lora_gguf import convert_lora
+    from tests.conftest import DEFAULT_ADAPTER
+
+    tmp = tmp_path_factory.mktemp("adapters-real")
+    convert_lora(DEFAULT_ADAPTER, base_dir, f16_pair["base"], tmp / "cards.gguf")
+    convert_lora(lora_adapter, base_dir, f16_pair["base"], tmp / "rand.gguf")
+    build = tmp / "build"
+    build.mkdir()
+    (build / "model.gguf").symlink_to(f16_pair["base"])
+    base_sha = sha256_file(f16_pair["base"])
+    write_adapter(build, "rand", base_sha, gguf=tmp / "rand.gguf")
+    task = json.loads((DEFAULT_ADAPTER / "bankllm-task.json").read_text())
+    src = write_adapter(tmp / "incoming", "cards", base_sha, gguf=tmp / "cards.gguf",
+                        labels=json.loads((DEFAULT_ADAPTER / "labels.json").read_text()),
+                        system_prompt=task["system_prompt"], threshold=task.get("threshold"))
+    return tmp, build, src
+
+
+def _stream(http, model: str, max_tokens: int, log: list) -> None:
+    """Stream a greedy answer; append (monotonic time, text or final chunk) for each event to `log`."""
+    body = {"model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": PROMPT}]}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                log.append((time.monotonic(), line[6:]))
+
+
+def _text(log: list) -> tuple[str, str | None]:
+    chunks = [json.loads(x) for _, x in log if x != "[DONE]"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    return text, chunks[-1]["choices"][0]["finish_reason"]
+
+
+def _answer(http, model: str | None, max_tokens: int = 12) -> str:
+    body = {"temperature": 0, "max_tokens": max_tokens, "messages": [{"role": "user", "content": PROMPT}]}
+    r = http.post("/v1/chat/completions", json={**body, **({"model": model} if model else {})})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests._service_util import REPO, running_server
+
+    tmp, build, src = real_setup
+    keys_file = tmp_path / "api-keys"
+    admin_key = create_key(keys_file, "ops", scopes=["admin"])[1]
+    (tmp_path / "admin.key").write_text(admin_key)
+    env = {"BANKLLM_THREADS": "1", "BANKLLM_STATE_DIR": str(tmp_path / "state"), "BANKLLM_SEQ_CTX": "512"}
+    with running_server(tmp_path, model=build, env=env) as server, server.http() as http, \
+            server.http(key=admin_key) as admin:
+        def cli(*args):
+            full = {**os.environ, "BANKLLM_PORT": server.url.rsplit(":", 1)[1], "BANKLLM_HOST": "127.0.0.1"}
+            return subprocess.run([sys.executable, "-m", "appliance", "adapters", *args, "--key-file",
+                                   str(tmp_path / "admin.key")], capture_output=True, text=True, env=full, cwd=REPO,
+                                  timeout=120)
+
+        # Per request: the adapter changes the answers; the base is what it was.
+        base, rand = _answer(http, None), _answer(http, "rand")
+        assert rand != base and _answer(http, "bankllm") == base
+        alone: list = []
+        _stream(http, "rand", 96, alone)
+        want_rand, finish = _text(alone)
+        assert finish == "length"
+
+        # Hot add while `rand` streams: the stream goes on, its tokens are the ones it has alone.
+        log: list = []
+        t = threading.Thread(target=_stream, args=(http, "rand", 96, log))
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(log) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        added = cli("add", "cards", str(src), "--sha256", manifest_sha256(src, "cards"))
+        added_at = time.monotonic()
+        assert added.returncode == 0, added.stderr
+        t.join(120)
+        text, finish = _text(log)
+        assert log[-1][1] == "[DONE]" and finish == "length" and text == want_rand
+        assert log[-3][0] > added_at  # the stream was still producing tokens after the add returned
+        cards = _answer(http, "cards")
+        assert cards not in (base, rand)
+        r = http.post("/api/v1/classify", json={"text": "my card still has not arrived", "model": "cards"})
+        assert r.status_code == 200 and r.json()["model"] == "cards", r.text
+        assert r.json()["intent"] in json.loads((src / "adapter.cards.labels.json").read_text())
+        listed = cli("list")
+        assert listed.returncode == 0, listed.stderr
+        assert "cards" in listed.stdout and "rand" in listed.stdout and "verdict=ship" in listed.stdout
+
+        # Remove `rand` while it streams: that stream finishes, new requests get 404.
+        log = []
+        t = threading.Thread(target=_stream, args=(http, "rand", 96, log))
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(log) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        removed = cli("remove", "rand")
+        removed_at = time.monotonic()
+        assert removed.returncode == 0, removed.stderr
+        r = http.post("/v1/chat/completions", json={"model": "rand", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 404 and "'cards'" in r.json()["error"]["message"]
+        t.join(120)
+        text, finish = _text(log)
+        assert log[-1][1] == "[DONE]" and finish == "length" and text == want_rand
+        assert log[-3][0] > removed_at  # it was still running when the removal returned
+        # Bad input through the CLI: one line, the service still serves.
+        bad = cli("add", "cards", str(src))
+        assert bad.returncode != 0 and "served already" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert _answer(http, "cards") == cards and _answer(http, None) == base
+        assert server.alive()
