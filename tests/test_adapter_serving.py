@@ -75,7 +75,7 @@ def chat(c, app: App, model: str | None, **kw):
 
 
 @pytest.mark.fast
-def test_models_lists_the_base_and_each_adapter_and_model_picks_one(tmp_path):
+def test_models_lists_the_base_and_each_adapter_and_model_picks_one(tmp_path, capsys):
     build, _ = setup_build(tmp_path)
     app = App(tmp_path, build)
     with app.client() as c:
@@ -93,6 +93,10 @@ def test_models_lists_the_base_and_each_adapter_and_model_picks_one(tmp_path):
             r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 40, **({"model": model} if model else {})},
                        headers=app.h())
             assert r.json()["choices"][0]["text"] == want and r.json()["model"] == (model or "bankllm")
+        # The audit log says which adapter served a request (the base's requests read as before).
+        audit = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith('{"time"')]
+        assert [a.get("model") for a in audit if a["route"] == "/v1/chat/completions"] == [
+            None, None, "cards", "chat"]
         # The engine was asked for exactly the adapter each request named.
         assert [p.adapter for _, p, _ in app.engine.submitted[-8:]] == [None, None, None, None, "cards", "cards",
                                                                         "chat", "chat"]

@@ -251,10 +251,13 @@ class Service:
 
     # -- requests ------------------------------------------------------------------------------------------------
 
-    def model(self, model_id: str | None) -> ServedModel:
-        """The model a request names (the base when it names none); 404 naming the served ones otherwise."""
+    def model(self, model_id: str | None, record=None) -> ServedModel:
+        """The model a request names (the base when it names none); 404 naming the served ones otherwise. An
+        adapter's id goes into the request's audit record."""
         if model_id is None:
             return self.base
+        if record is not None and model_id != self.base.id:
+            record.extra["model"] = model_id
         found = self.models.get(model_id)
         if found is None:
             served = ", ".join(repr(m) for m in self.models)

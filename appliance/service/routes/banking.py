@@ -19,7 +19,7 @@ from . import scoped
 @post("/api/v1/chat", status_code=200, summary="The banking assistant: approved answers, clarifying questions, handoff")
 async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: NamedDependency[Service], record: NamedDependency[RequestRecord]) -> Response:
     start = time.perf_counter()
-    model = svc.model(data.model)
+    model = svc.model(data.model, record)
     # A conversation belongs to (key, model): one started on a model continues on it (issue 13).
     owner = record.key_id if model.adapter is None else f"{record.key_id}@{model.id}"
     if data.conversation_id:
@@ -53,7 +53,7 @@ async def classify(request: Request, data: JSONBody[ClassifyRequest], svc: Named
     if (data.text is None) == (data.texts is None):
         raise APIError("send exactly one of `text` (a string) or `texts` (a list of up to 64 strings)", param="text")
     texts = [data.text] if data.text is not None else data.texts
-    model = svc.model(data.model)
+    model = svc.model(data.model, record)
     results = await svc.classify(request, record, texts, model)
     if results is None:
         return Response(b"", status_code=499)

@@ -87,7 +87,7 @@ async def _respond(request: Request, svc: NamedDependency[Service], record: Name
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest], svc: NamedDependency[Service],
                            record: NamedDependency[RequestRecord]) -> Response | Stream:
-    model = svc.model(data.model)
+    model = svc.model(data.model, record)
     max_tokens = svc.cap_max_tokens(data.max_completion_tokens or data.max_tokens)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                 for i, m in enumerate(data.messages)]
@@ -117,7 +117,7 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
 @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
 async def completions(request: Request, data: JSONBody[CompletionRequest], svc: NamedDependency[Service],
                       record: NamedDependency[RequestRecord]) -> Response | Stream:
-    model = svc.model(data.model)
+    model = svc.model(data.model, record)
     max_tokens = svc.cap_max_tokens(data.max_tokens)
     prompt = data.prompt if isinstance(data.prompt, str) else data.prompt[0]
     params = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, seed=data.seed,
