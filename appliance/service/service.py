@@ -392,8 +392,8 @@ class Service:
             src = Path(path)
             if not src.is_absolute() or not src.is_dir():
                 raise APIError(f"{path!r} is not a directory the service can read; pass the absolute path of a "
-                               "directory holding the adapter's files (the system service sees neither /tmp nor /home: copy them e.g. "
-                               "under /srv)",
+                               "directory holding the adapter's files (the system service sees neither /tmp, /var/tmp nor /home: "
+                               "copy them e.g. under /srv)",
                                param="path", code="bad_adapter_path")
             try:
                 report, manifest = await asyncio.to_thread(self._check_source, src, name, sha256)
