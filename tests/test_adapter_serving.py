@@ -425,5 +425,16 @@ def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup
         # Bad input through the CLI: one line, the service still serves.
         bad = cli("add", "cards", str(src))
         assert bad.returncode != 0 and "served already" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        # A file whose report fits but which libllama refuses as a LoRA of this base: refused, nothing kept.
+        junk = write_adapter(tmp_path / "junk", "junk", sha256_file(build / "model.gguf"),
+                             gguf=b"GGUF\x03\0\0\0" + b"\0" * 64)
+        r = admin.post("/admin/adapters", json={"name": "junk", "path": str(junk)})
+        assert r.status_code == 400 and "could not be loaded as a LoRA" in r.json()["error"]["message"], r.text
+        assert not (tmp_path / "state" / "adapters" / "adapter.junk.gguf").exists()
+        assert set(json.loads((tmp_path / "state" / "adapters.json").read_text())["added"]) == {"cards"}
         assert _answer(http, "cards") == cards and _answer(http, None) == base
         assert server.alive()
+    # A restart keeps the set: `cards` (added) is served from the state dir, `rand` (removed) stays removed.
+    with running_server(tmp_path / "again", model=build, env=env) as server, server.http() as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["bankllm", "cards"]
+        assert _answer(http, "cards") == cards and _answer(http, None) == base
