@@ -56,6 +56,11 @@ class Settings:
         "Context length of each perplexity chunk (the second half of each chunk is scored, as llama-perplexity does)."))
     gate_max_chunks: int = field(default=0, metadata=_doc(
         "Use at most this many chunks of the gate text (0 = all)."))
+    # --- per-adapter gate (issue 13): appliance/pipeline/adapters.py ----------------------------
+    adapter_gate_max_kld: float = field(default=0.5, metadata=_doc(
+        "Refuse an adapter whose mean KL divergence (quantized base + adapter vs its own f16 merge) exceeds this, "
+        "whatever its perplexity (measured on the default base: the right adapter 0.059; no adapter or a wrong "
+        "one 0.82 while perplexity fell 21%, which the perplexity bands alone would ship)."))
     quant_ladder: list[str] = field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"], metadata=_doc(
         "Quantizations that --quant auto walks, lowest bit first."))
     min_free_disk_factor: float = field(default=4.0, metadata=_doc(

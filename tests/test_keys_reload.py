@@ -121,3 +121,39 @@ def test_keys_cli_scopes_rate_and_messages_without_a_service(tmp_path):
     proc = keys_cli("revoke", "ops", keys_file=keys_file)
     assert proc.returncode == 0
     assert proc.stdout.strip().endswith("(ops); no running service found: takes effect at next start"), proc.stdout
+
+
+def test_keys_cli_hands_the_change_to_a_server_that_dropped_root(tmp_path):
+    """`serve --as-user` (what `install --foreground` runs) reads a copy root made at its start and can no longer read
+    the original: the CLI copies the changed file over that copy before SIGHUP, so a revocation still takes effect."""
+    import httpx
+
+    from tests._service_util import default_gguf, free_port
+
+    keys_file = tmp_path / "api-keys"
+    proc = keys_cli("create", "--name", "first", "--scope", "openai", keys_file=keys_file)
+    first = proc.stdout.strip()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "BANKLLM_UNSAFE_SERVE_AS_ROOT"}
+    server = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--as-user", "nobody", "--keys-file",
+                               str(keys_file), "--model", str(default_gguf()), "--port", str(port), "--threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}/v1/models"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url, headers={"Authorization": f"Bearer {first}"}, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the dropped server did not come up"
+            time.sleep(0.3)
+        proc = keys_cli("revoke", "first", keys_file=keys_file)
+        assert proc.returncode == 0 and f"the running `bankllm serve` (pid {server.pid}) reloaded its keys" \
+            in proc.stdout, (proc.stdout, proc.stderr)
+        assert httpx.get(url, headers={"Authorization": f"Bearer {first}"}, timeout=5).status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

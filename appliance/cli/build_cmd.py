@@ -10,8 +10,8 @@ from .options import PATH, config_option
 
 @click.command()
 @click.option("--base", type=PATH, help="16-bit Hugging Face checkpoint (default: the embedded SmolLM2-135M-Instruct).")
-@click.option("--adapter", help="PEFT LoRA directory, .tar/.tar.gz/.zip of one, or http(s) URL (default: the shipped adapter).")
-@click.option("--adapter-sha256", help="Pin of the adapter: sha256 of the archive file (`sha256sum FILE`); for a directory its manifest digest, sha256 over the sorted lines 'relpath\\0sha256\\n' of every file (a wrong pin prints the actual one). Required for a URL.")
+@click.option("--adapter", multiple=True, help="PEFT LoRA directory, .tar/.tar.gz/.zip of one, or http(s) URL (default: the shipped adapter). Once: merged into the model. Repeated (NAME=SRC, or SRC named after its directory/archive stem): the base is built once and each adapter is converted to a GGUF LoRA and gated against it, served per request by bankllm.")
+@click.option("--adapter-sha256", multiple=True, help="Pin of the adapter: sha256 of the archive file (`sha256sum FILE`); for a directory its manifest digest, sha256 over the sorted lines 'relpath\\0sha256\\n' of every file (a wrong pin prints the actual one). Required for a URL. With several adapters: NAME=SHA256, once per pinned adapter.")
 @click.option("--quant", default="auto", show_default=True, help="auto walks Q4_K_M -> Q5_K_M -> Q6_K -> Q8_0; or one of them.")
 @click.option("--ppl-text", type=PATH, help="Banking text for the perplexity gate (default: the shipped one).")
 @click.option("--out", type=PATH, help="Build directory (default: <data dir>/builds/<build id>).")
@@ -33,6 +33,9 @@ def build(config, sign_key, **options):
     click.echo(f"build {result.build_id}: {chosen['model']} {result.report['verdict']} "
                f"(ppl {chosen['ppl_increase']:+.2%} vs f16, KLD {chosen['mean_kld']:.4f}, "
                f"top-1 {chosen['top1_agreement']:.1%}) -> {result.out_dir}")
+    for name, a in (result.report.get("adapters") or {}).items():
+        click.echo(f"adapter {name}: {a['verdict']} (ppl {a['ppl_increase']:+.2%} vs its f16 merge, "
+                   f"KLD {a['mean_kld']:.4f}, top-1 {a['top1_agreement']:.1%})")
 
 
 def register(cli: click.Group) -> None:

@@ -38,11 +38,11 @@ def cli():
 
 def _register() -> None:
     # One line per command module; each module's register() adds its commands.
-    from . import (answers_cmd, audit_cmd, build_cmd, eval_cmd, export_cmd, fleet_cmd, install_cmd, keys_cmd,
-                   serve_cmd, settings_cmd, sign_cmd, train_cmd)
+    from . import (adapters_cmd, answers_cmd, audit_cmd, build_cmd, eval_cmd, export_cmd, fleet_cmd, install_cmd,
+                   keys_cmd, serve_cmd, settings_cmd, sign_cmd, train_cmd)
 
     for module in (build_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd, eval_cmd, settings_cmd, answers_cmd,
-                   sign_cmd, audit_cmd, export_cmd, fleet_cmd):
+                   sign_cmd, audit_cmd, export_cmd, fleet_cmd, adapters_cmd):
         module.register(cli)
     from . import adapters_admin  # last: it adds add/remove/list onto the `adapters` group registered above
 

@@ -12,15 +12,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .. import __version__
-from ..answers import AnswerLibraryError, default_answers_file, read_library
 from ..artifacts import (ANSWERS_FILE, CALIBRATION_FILE, LABELS_FILE, MODEL_FILE, MODELFILE_FILE, REPORT_SCHEMA,
-                         TASK_FILE, VALIDATION_FILE, BuildDir, read_report, write_labels, write_report, write_task)
-from ..errors import ConfigError, GateRefusedError, InputError
+                         TASK_FILE, VALIDATION_FILE, BuildDir, adapter_names, check_adapter_name, read_adapter_report,
+                         read_report, write_labels, write_report, write_task)
+from ..errors import AdapterMismatchError, ConfigError, GateRefusedError, InputError
 from ..fsutil import (atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree,
                       write_json_atomic)
 from ..resources import default_adapter_dir, default_gate_text
 from ..settings import Settings
 from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapter
+from .adapters import (answers_for, base_f16, build_adapter, parse_adapter_specs, prepare_adapters, split_spec,
+                       write_adapter_files)
+from .adapters import summary as adapter_summary
 from .calibrate import calibrate
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
@@ -43,11 +46,22 @@ class BuildResult:
         return BuildDir(self.out_dir).model
 
 
-def run_build(settings: Settings, base: Path | None = None, adapter: str | None = None,
-              adapter_sha256: str | None = None, quant: str = "auto", ppl_text: Path | None = None,
+def run_build(settings: Settings, base: Path | None = None, adapter: str | list[str] | tuple | None = None,
+              adapter_sha256: str | list[str] | tuple | None = None, quant: str = "auto", ppl_text: Path | None = None,
               out: Path | None = None, force: bool = False, progress: Progress | None = None,
               chat_template: str | None = None) -> BuildResult:
-    """Build a quality-gated GGUF, its Modelfile and build-report.json in one build directory."""
+    """Build a quality-gated GGUF, its Modelfile and build-report.json in one build directory.
+
+    One adapter (or none) is merged into the model; two or more make a multi-adapter build (run_multi_build)."""
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter or ())
+    pins = [adapter_sha256] if isinstance(adapter_sha256, str) else list(adapter_sha256 or ())
+    if len(adapters) >= 2:
+        return run_multi_build(settings, base, adapters, pins, quant, ppl_text, out, force, progress, chat_template)
+    adapter = split_spec(adapters[0])[1] if adapters else None  # one adapter is merged: its name is not used
+    if len(pins) > 1:
+        raise InputError(f"{len(pins)} --adapter-sha256 values for {len(adapters)} adapter(s)",
+                         "pin each adapter once")
+    adapter_sha256 = (split_spec(pins[0])[1] if adapter else pins[0]) if pins else None
     progress = progress or Progress()
     ladder = _ladder(settings, quant)
 
@@ -68,15 +82,8 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     # Read (and so check) what the build ships beside the model before any heavy work.
     labels = lora.labels if lora else None
     task = lora.task if lora else None
-    answers, no_answers = None, None
-    if labels:  # a classifier's build carries the approved answers it will serve: checked against its labels now
-        if settings.answers_file is not None:  # the bank's own library: it must be complete
-            answers = read_library(settings.answers_file, labels)
-        else:
-            try:
-                answers = read_library(default_answers_file(), labels)
-            except AnswerLibraryError as exc:  # labels the shipped library has no answers for: chat stays off
-                no_answers = f"{exc.message}; /api/v1/chat is off until you set answers_file ({exc.fix})"
+    # A classifier's build carries the approved answers it will serve: checked against its labels now.
+    answers, no_answers = answers_for(settings, labels)
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -146,48 +153,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
         gate = Gate(f16, text, settings, work / "gate")
         rec["detail"] = f"ppl {gate.reference.ppl:.3f} over {gate.reference.tokens_scored} tokens"
     steps.append(rec)
-    tried: list[dict] = []
-    chosen: dict | None = None
-    warnings: list[str] = []
-    try:
-        for name in ladder:
-            candidate = work / f"model-{name}.gguf"
-            with progress.stage(f"quantize {name}") as rec:
-                if not candidate.is_file():
-                    quantize(f16, name, candidate, threads)
-                candidate_sha = sha256_file(candidate)
-                rec.update(outputs={candidate.name: candidate_sha}, size_bytes=candidate.stat().st_size)
-            steps.append(rec)
-            with progress.stage(f"gate {name}") as rec:
-                score = gate.score(candidate, name)
-                rec["detail"] = (f"ppl {score.ppl:.3f} ({score.ppl_increase:+.2%}), KLD {score.mean_kld:.4f}, "
-                                 f"top-1 {score.top1_agreement:.1%}: {score.verdict}")
-            steps.append(rec)
-            entry = dict(score.as_dict(), file=candidate.name, size_bytes=candidate.stat().st_size,
-                         sha256=candidate_sha)
-            tried.append(entry)
-            if score.verdict in ("ship", "warn"):
-                chosen = entry
-                if score.verdict == "warn":
-                    warnings.append(f"{name} is {score.ppl_increase:.1%} worse than f16 in perplexity "
-                                    f"(ships, with this warning, under {settings.gate_warn_below:.0%})")
-                break
-            if score.verdict == "refuse" or len(ladder) == 1:
-                break
-    finally:
-        gate.close()
-
-    verdict = chosen["verdict"] if chosen else "refuse"
-    if chosen is None:
-        last = tried[-1]
-        if force:
-            chosen, verdict = last, "forced"
-            warnings.append(f"{last['model']} failed the gate ({last['ppl_increase']:.1%} worse) and ships because of --force")
-        else:
-            raise GateRefusedError(
-                f"quantization refused by the gate: {last['model']} is {last['ppl_increase']:.1%} worse than f16 "
-                f"in perplexity (limit {settings.gate_warn_below:.0%} to ship, {settings.gate_escalate_below:.0%} to escalate)",
-                "try --quant auto or a higher-bit --quant, or --force to ship it anyway (recorded in the report)")
+    chosen, verdict, tried, warnings = _quantize_and_gate(settings, f16, ladder, gate, work, force, steps, progress)
 
     # 5. Calibrate the served model's label confidences and choose the assistant's answer threshold, on the
     #    adapter's own validation split (a classifier adapter that ships one).
@@ -247,6 +213,254 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | None 
     shutil.rmtree(work, ignore_errors=True)
     progress.summary(*build_summary(report, out_dir))
     return BuildResult(out_dir, build_id, report, reused=False)
+
+
+def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], pins: list[str], quant: str = "auto",
+                    ppl_text: Path | None = None, out: Path | None = None, force: bool = False,
+                    progress: Progress | None = None, chat_template: str | None = None) -> BuildResult:
+    """Build the plain base once (quantized behind the gate) and every adapter against it, each gated on its own.
+
+    The build directory holds model.gguf (the base, unmerged) and adapter.NAME.* files per adapter (see
+    appliance/pipeline/adapters.py); one refused adapter fails the whole build and nothing is written."""
+    progress = progress or Progress()
+    ladder = _ladder(settings, quant)
+
+    # 1. Inputs: base, every adapter (named, pinned, checked against the base), gate text; no heavy work yet.
+    base_dir = Path(base) if base else ensure_default_base(settings.data_dir)
+    base_info = inspect_base(base_dir)
+    items = prepare_adapters(settings, parse_adapter_specs(adapters, pins), base_info)
+    templates = [_chat_template(base_info, chat_template, item.lora) for item in items]
+    if len({record["sha256"] for _, record in templates}) > 1:
+        raise InputError("the adapters were trained with different chat templates",
+                         "build adapters trained with different templates separately")
+    template, template_record = templates[0]
+    text_path = Path(ppl_text) if ppl_text else default_gate_text()
+    text = _read_text(text_path)
+    _check_gate_text_length(text, base_dir, settings)
+
+    inputs = {
+        "kind": "multi-adapter", "base_sha256": sha256_tree(base_dir),
+        "adapters": [item.digests() for item in items],
+        "quant": quant.upper(), "ladder": ladder, "force": force,
+        "gate_text_sha256": sha256_bytes(text.encode()),
+        "thresholds": _thresholds(settings), "adapter_gate_max_kld": settings.adapter_gate_max_kld,
+        "gate_n_ctx": settings.gate_n_ctx, "gate_max_chunks": settings.gate_max_chunks,
+        "system_prompt": settings.system_prompt, "target_answered_accuracy": settings.target_answered_accuracy,
+        "chat_template_sha256": template_record["sha256"], "versions": _versions(),
+    }
+    digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
+    build_id = digest[:12]
+    out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
+    remove_stale_temps(out_dir.parent)
+    if (existing := _up_to_date(out_dir, digest)) is not None:
+        progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
+        return BuildResult(out_dir, build_id, existing, reused=True)
+
+    work = Path(settings.data_dir) / "work" / build_id
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(work)
+    base_bytes = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
+    require_free_disk(work, int(base_bytes * settings.min_free_disk_factor), "the build's intermediate files")
+    steps: list[dict] = []
+
+    # 2. The plain base: convert, quantize and gate against its own f16, as a single build does.
+    with progress.stage("convert base to base-f16.gguf") as rec:
+        f16 = base_f16(base_info, template, work)
+        rec.update(outputs={f16.name: sha256_file(f16)}, size_bytes=f16.stat().st_size)
+    steps.append(rec)
+    with progress.stage("gate: evaluate f16 reference") as rec:
+        gate = Gate(f16, text, settings, work / "gate")
+        rec["detail"] = f"ppl {gate.reference.ppl:.3f} over {gate.reference.tokens_scored} tokens"
+    steps.append(rec)
+    chosen, verdict, tried, warnings = _quantize_and_gate(settings, f16, ladder, gate, work, force, steps, progress)
+    model = work / chosen["file"]
+
+    # 3. Every adapter against that model: GGUF LoRA, its own f16 merge as reference, gate, calibration.
+    base_record = {"build_id": build_id, "model_sha256": chosen["sha256"], "quant": chosen["model"],
+                   "sha256_tree": inputs["base_sha256"], "name": base_info.path.name}
+    built = [build_adapter(settings, item, base_info, template, f16, model, base_record, text, work, progress)
+             for item in items]
+    for b in built:
+        warnings += b.report["warnings"]
+
+    # 4. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
+    with atomic_dir(out_dir) as tmp:
+        _link_or_copy(model, tmp / MODEL_FILE)
+        write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
+        outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
+        for b in built:
+            outputs.update(write_adapter_files(tmp, b, template, settings))
+        report = {
+            "schema": REPORT_SCHEMA, "kind": "multi-adapter", "build_id": build_id, "inputs_digest": digest,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "bankllm_version": __version__,
+            "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
+            "adapter": None,  # nothing merged: model.gguf is the plain base
+            "adapters": {b.item.name: adapter_summary(b) for b in built},
+            "chat_template": template_record,
+            "steps": steps,
+            "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"], "n_ctx": settings.gate_n_ctx,
+                     "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
+                     "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
+            "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
+            "warnings": warnings, "labels": None, "answers": None, "calibration": None,
+            "outputs": outputs,
+            "versions": inputs["versions"],
+        }
+        write_report(tmp, report)
+    shutil.rmtree(work, ignore_errors=True)
+    progress.summary(*build_summary(report, out_dir))
+    return BuildResult(out_dir, build_id, report, reused=False)
+
+
+@dataclass
+class AdapterBuildResult:
+    out_dir: Path
+    name: str
+    report: dict
+    reused: bool
+
+
+def run_adapter_build(settings: Settings, name: str, src: str, base_build: Path, out: Path,
+                      adapter_sha256: str | None = None, base: Path | None = None, ppl_text: Path | None = None,
+                      progress: Progress | None = None) -> AdapterBuildResult:
+    """Build one more adapter against an existing (unmerged-base) build: adapter.NAME.* files in `out`."""
+    progress = progress or Progress()
+    check_adapter_name(name)
+    base_build, out = Path(base_build), Path(out)
+    build_report = read_report(base_build)
+    if build_report.get("adapter") is not None:
+        raise InputError(f"{base_build} is a build with an adapter merged into its model",
+                         "pass a multi-adapter build (`bankllm build --adapter A --adapter B`) or a plain-base build")
+    if name in adapter_names(base_build):
+        raise InputError(f"adapter name {name!r} is already in {base_build}", "choose another name")
+    if out.resolve() == base_build.resolve():
+        raise InputError("--out is the base build itself", "write the adapter to its own directory "
+                                                           "(then `bankllm adapters add` serves it)")
+    model = BuildDir(base_build).model
+    model_sha = sha256_file(model)
+    if model_sha != build_report["chosen"]["sha256"]:
+        raise InputError(f"{model} is not the model its build report describes (sha256 differs)",
+                         "restore the build directory from its bundle")
+    base_dir = Path(base) if base else Path(build_report["base"]["path"])
+    if not base_dir.is_dir():
+        raise InputError(f"the base checkpoint {base_dir} of build {build_report['build_id']} is not here",
+                         "pass --base the 16-bit checkpoint the build was made from")
+    base_info = inspect_base(base_dir)
+    base_tree = sha256_tree(base_dir)
+    if base_tree != build_report["base"].get("sha256_tree"):
+        raise AdapterMismatchError(f"{base_dir} is not the base build {build_report['build_id']} was made from",
+                                   "pass --base the 16-bit checkpoint the build was made from")
+    [item] = prepare_adapters(settings, [(name, src, adapter_sha256)], base_info)
+    template = base_info.chat_template or _gguf_chat_template(model)
+    text_path = Path(ppl_text) if ppl_text else default_gate_text()
+    text = _read_text(text_path)
+    _check_gate_text_length(text, base_dir, settings)
+    inputs = {"kind": "adapter", "adapter": item.digests(), "base_model_sha256": model_sha,
+              "base_sha256": base_tree, "gate_text_sha256": sha256_bytes(text.encode()),
+              "thresholds": _thresholds(settings), "adapter_gate_max_kld": settings.adapter_gate_max_kld,
+              "gate_n_ctx": settings.gate_n_ctx, "gate_max_chunks": settings.gate_max_chunks,
+              "target_answered_accuracy": settings.target_answered_accuracy, "versions": _versions()}
+    digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
+    remove_stale_temps(out.parent)
+    try:
+        existing = read_adapter_report(out, name)
+    except InputError:
+        existing = None
+    if existing is not None and existing.get("inputs_digest") == digest:
+        progress.info(f"[bankllm] adapter {name} is up to date in {out}")
+        return AdapterBuildResult(out, name, existing, reused=True)
+
+    # Keyed by what the heavy files depend on (not the gate's thresholds): a rerun after a refusal reuses them.
+    work_key = sha256_bytes(json.dumps([item.digests(), base_tree, model_sha, template]).encode())
+    work = Path(settings.data_dir) / "work" / f"adapter-{work_key[:12]}"
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(work)
+    with progress.stage("convert base to base-f16.gguf"):
+        f16 = base_f16(base_info, template, work)
+    base_record = {"build_id": build_report["build_id"], "model_sha256": model_sha,
+                   "quant": build_report["chosen"]["model"], "sha256_tree": base_tree, "name": base_dir.name}
+    built = build_adapter(settings, item, base_info, template, f16, model, base_record, text, work, progress)
+    built.report["inputs_digest"] = digest
+    with atomic_dir(out) as tmp:
+        write_adapter_files(tmp, built, template, settings)
+    shutil.rmtree(work, ignore_errors=True)
+    gate = built.report["gate"]
+    progress.summary(f"adapter {name}: gate verdict {built.report['verdict']}",
+                     [("gate", f"ppl {gate['ppl_increase']:+.2%} vs its f16 merge, KLD {gate['mean_kld']:.4f}, "
+                               f"top-1 {gate['top1_agreement']:.1%}"),
+                      ("files", f"{out}: {', '.join(sorted(built.files))}")])
+    return AdapterBuildResult(out, name, built.report, reused=False)
+
+
+def _gguf_chat_template(model: Path) -> str:
+    """The chat template a build wrote into its GGUF (for a base checkpoint without one)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(model)).fields.get("tokenizer.chat_template")
+    if field is None:
+        raise InputError(f"{model} carries no chat template", "rebuild the base build with --chat-template")
+    return bytes(field.parts[-1]).decode()
+
+
+def _up_to_date(out_dir: Path, digest: str) -> dict | None:
+    """The report of a finished build in `out_dir` made from the same inputs, else None."""
+    if not BuildDir(out_dir).report_file.is_file():
+        return None
+    try:
+        existing = read_report(out_dir)
+    except InputError:
+        return None
+    return existing if existing["inputs_digest"] == digest and BuildDir(out_dir).model.is_file() else None
+
+
+def _quantize_and_gate(settings: Settings, f16: Path, ladder: list[str], gate: Gate, work: Path, force: bool,
+                       steps: list[dict], progress: Progress) -> tuple[dict, str, list[dict], list[str]]:
+    """Walk the ladder until a quant passes the gate: (chosen entry, verdict, every entry tried, warnings)."""
+    threads = settings.resolved_threads()
+    tried: list[dict] = []
+    chosen: dict | None = None
+    warnings: list[str] = []
+    try:
+        for name in ladder:
+            candidate = work / f"model-{name}.gguf"
+            with progress.stage(f"quantize {name}") as rec:
+                if not candidate.is_file():
+                    quantize(f16, name, candidate, threads)
+                candidate_sha = sha256_file(candidate)
+                rec.update(outputs={candidate.name: candidate_sha}, size_bytes=candidate.stat().st_size)
+            steps.append(rec)
+            with progress.stage(f"gate {name}") as rec:
+                score = gate.score(candidate, name)
+                rec["detail"] = (f"ppl {score.ppl:.3f} ({score.ppl_increase:+.2%}), KLD {score.mean_kld:.4f}, "
+                                 f"top-1 {score.top1_agreement:.1%}: {score.verdict}")
+            steps.append(rec)
+            entry = dict(score.as_dict(), file=candidate.name, size_bytes=candidate.stat().st_size,
+                         sha256=candidate_sha)
+            tried.append(entry)
+            if score.verdict in ("ship", "warn"):
+                chosen = entry
+                if score.verdict == "warn":
+                    warnings.append(f"{name} is {score.ppl_increase:.1%} worse than f16 in perplexity "
+                                    f"(ships, with this warning, under {settings.gate_warn_below:.0%})")
+                break
+            if score.verdict == "refuse" or len(ladder) == 1:
+                break
+    finally:
+        gate.close()
+
+    verdict = chosen["verdict"] if chosen else "refuse"
+    if chosen is None:
+        last = tried[-1]
+        if force:
+            chosen, verdict = last, "forced"
+            warnings.append(f"{last['model']} failed the gate ({last['ppl_increase']:.1%} worse) and ships because of --force")
+        else:
+            raise GateRefusedError(
+                f"quantization refused by the gate: {last['model']} is {last['ppl_increase']:.1%} worse than f16 "
+                f"in perplexity (limit {settings.gate_warn_below:.0%} to ship, {settings.gate_escalate_below:.0%} to escalate)",
+                "try --quant auto or a higher-bit --quant, or --force to ship it anyway (recorded in the report)")
+    return chosen, verdict, tried, warnings
 
 
 def _chat_template(base: BaseInfo, choice: str | None, lora: Adapter | None) -> tuple[str, dict]:

@@ -215,10 +215,12 @@ def family_modelfile(family: str) -> Modelfile:
 
 
 def write_modelfile(dest: Path, chat_template: str | None, system_prompt: str, n_ctx: int,
-                    model_file: str = "./model.gguf") -> Modelfile:
-    """Write the build's Modelfile: the family template, its stops, a banking SYSTEM, deterministic sampling."""
+                    model_file: str = "./model.gguf", adapter: str | None = None) -> Modelfile:
+    """Write the build's Modelfile: the family template, its stops, a banking SYSTEM, deterministic sampling
+    (with `adapter`, a GGUF LoRA beside the model: Ollama binds one ADAPTER per model)."""
     mf = family_modelfile(template_family(chat_template))
     mf.from_ = model_file
+    mf.adapters = [adapter] if adapter else []
     mf.system = system_prompt
     mf.parameters += [("temperature", "0"), ("top_k", "1"), ("seed", "42"), ("num_ctx", str(n_ctx))]
     write_text_atomic(Path(dest), mf.to_string())

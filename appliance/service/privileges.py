@@ -22,6 +22,7 @@ from ..settings import TLS_CREDENTIALS, Settings, under_systemd
 
 SERVICE_USER = "bankllm"
 RUNTIME_DIR = Path("/run/bankllm")  # what the unit's RuntimeDirectory= makes
+RUN_RECORDS_DIR = RUNTIME_DIR / "run"  # where a dropped `serve` writes its run record (service/reload.py)
 LOGS_DIR = Path("/var/log/bankllm")  # what the unit's LogsDirectory= makes (for `audit_log` there)
 KEYS_CREDENTIAL = "api-keys"
 
@@ -117,7 +118,12 @@ def serve_as(user_name: str, settings: Settings, flags: list[str],
     child_env = {k: v for k, v in (os.environ if env is None else env).items()
                  if k not in ("BANKLLM_KEYS_FILE", "INVOCATION_ID", "CREDENTIALS_DIRECTORY")}
     child_env.update(CREDENTIALS_DIRECTORY=str(creds), HOME=str(RUNTIME_DIR), PYTHONDONTWRITEBYTECODE="1",
-                     PYTHONUNBUFFERED="1")
+                     PYTHONUNBUFFERED="1", BANKLLM_RUN_DIR=str(RUN_RECORDS_DIR))
+    if KEYS_CREDENTIAL in files:
+        # `bankllm keys create/revoke` (root) find this process by the key file it was handed, copy the changed file
+        # over the copy it reads and send SIGHUP: the process itself cannot read the original any more.
+        child_env["BANKLLM_KEYS_SOURCE"] = str(keys_file)
+    _owned_dir(RUN_RECORDS_DIR, user.pw_uid, user.pw_gid)
     os.chdir(RUNTIME_DIR)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -33,6 +33,8 @@ def write_record(service, run_dir: Path) -> None:
     """The run record: this process, the key file it reads (as configured and as read) and the digest in force."""
     write_json_atomic(record_path(run_dir), {
         "pid": os.getpid(), "keys_file": str(service.settings.resolved_keys_file()), "keys_read": str(service.keys.path),
+        # The file root handed over (serve --as-user): the one operators edit; keys_read is this process's copy.
+        "keys_source": os.environ.get("BANKLLM_KEYS_SOURCE") or str(service.settings.resolved_keys_file()),
         "keys_digest": service.keys.digest, "keys_active": service.keys.count, "keys_error": service.keys.error,
         "reloads": service.reloads, "at": time.time()}, mode=0o600)
 
@@ -164,16 +166,48 @@ def _reload_unit(user: bool, run_dir: Path, digest: str | None, timeout: float) 
     return Outcome(False, f"the running service ({unit}, pid {pid}) {why} after `systemctl{flag} reload`")
 
 
+def _handover(rec: dict, record: Path, keys_file: Path) -> str | None:
+    """A `serve --as-user` reads a copy root made at its start: copy the changed key file over it (0600, the
+    process's user, atomically) so its reload sees the change. Returns why it could not, or None."""
+    from ..fsutil import write_bytes_atomic
+
+    target = Path(rec.get("keys_read", ""))
+    if not rec.get("keys_read") or _same(target, keys_file):
+        return None  # it reads the key file itself
+    try:
+        owner = record.stat()
+        write_bytes_atomic(target, Path(keys_file).read_bytes(), mode=0o600)
+        os.chown(target, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        return f"could not hand the changed key file to it at {target} ({exc.strerror}; run as root)"
+    return None
+
+
+def _run_dirs(run_dir: Path) -> list[Path]:
+    """This user's run directory and the one a `serve --as-user` (started by root) writes its record in."""
+    from .privileges import RUN_RECORDS_DIR
+
+    dirs = [Path(run_dir)]
+    if not _same(RUN_RECORDS_DIR, Path(run_dir)):
+        dirs.append(RUN_RECORDS_DIR)
+    return [d for d in dirs if d.is_dir()]
+
+
 def _reload_foreground(keys_file: Path, run_dir: Path, digest: str | None, timeout: float) -> list[Outcome]:
     """SIGHUP each live `bankllm serve` whose run record names this key file, and wait for its acknowledgement."""
     outcomes = []
-    for path in sorted(Path(run_dir).glob(RECORD_GLOB)) if Path(run_dir).is_dir() else []:
+    for path in sorted(p for d in _run_dirs(run_dir) for p in d.glob(RECORD_GLOB)):
         rec = _read(path)
-        if not rec or not isinstance(rec.get("pid"), int) or not _same(rec.get("keys_file", ""), keys_file):
+        if not rec or not isinstance(rec.get("pid"), int) or not (
+                _same(rec.get("keys_file", ""), keys_file) or _same(rec.get("keys_source", ""), keys_file)):
             continue
         pid = rec["pid"]
         if not _is_serve(pid):
             path.unlink(missing_ok=True)  # a process that died without cleaning up
+            continue
+        why = _handover(rec, path, keys_file)
+        if why is not None:
+            outcomes.append(Outcome(False, f"the running `bankllm serve` (pid {pid}): {why}"))
             continue
         try:
             os.kill(pid, signal.SIGHUP)

@@ -26,13 +26,15 @@ class Labelled:
 
 
 def label_texts(gguf: Path, labels: list[str], system_prompt: str, texts: list[str], threads: int = 0,
-                temperature: float = 1.0, n_seq_max: int = N_SEQ_MAX) -> list[Labelled]:
-    """Label every text through the serving engine, n_seq_max at a time (continuous batching, as the service)."""
+                temperature: float = 1.0, n_seq_max: int = N_SEQ_MAX, lora: Path | None = None) -> list[Labelled]:
+    """Label every text through the serving engine, n_seq_max at a time (continuous batching, as the service);
+    with `lora`, through that GGUF LoRA applied to `gguf` (a served adapter)."""
     from ..service.engine import Engine
     from ..service.labeling import Labeler
     from ..service.prompting import ChatTemplate
 
-    engine = Engine(gguf, n_seq_max=n_seq_max, seq_ctx=512, threads=threads or 2, queue_max=len(texts) + n_seq_max)
+    engine = Engine(gguf, n_seq_max=n_seq_max, seq_ctx=512, threads=threads or 2, queue_max=len(texts) + n_seq_max,
+                    adapters={"eval": lora} if lora else None)
     try:
         template = ChatTemplate(engine.chat_template(), engine.bos_token, engine.eos_token)
         labeler = Labeler(engine, template, labels, system_prompt, temperature)
@@ -43,7 +45,8 @@ def label_texts(gguf: Path, labels: list[str], system_prompt: str, texts: list[s
             async def one(text: str) -> Labelled:
                 async with gate:
                     t0 = time.perf_counter()
-                    done = await engine.submit(labeler.tokens(text), labeler.params(), EVAL_OWNER).result()
+                    params = dataclasses.replace(labeler.params(), adapter="eval" if lora else None)
+                    done = await engine.submit(labeler.tokens(text), params, EVAL_OWNER).result()
                     ms = (time.perf_counter() - t0) * 1000
                 if done.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"labelling failed: {done.error or done.finish_reason}")
