@@ -438,3 +438,31 @@ def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup
     with running_server(tmp_path / "again", model=build, env=env) as server, server.http() as http:
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["bankllm", "cards"]
         assert _answer(http, "cards") == cards and _answer(http, None) == base
+
+
+@pytest.mark.fast
+def test_status_lists_a_builds_adapters_with_their_gate_figures(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from appliance.cli.main import cli
+    from appliance.install import lifecycle, store
+    from appliance.install.layout import choose_layout
+
+    report = {"verdict": "ship", "chosen": {"quant": "Q4_K_M", "ppl_increase": 0.01}, "kind": "multi-adapter",
+              "adapters": {"fraud": {"verdict": "ship", "ppl_ratio": 1.01, "ppl_increase": 0.01, "mean_kld": 0.02,
+                                     "top1_agreement": 0.97, "source": "x"},
+                           "cards": {"verdict": "warn", "ppl_ratio": 1.06, "ppl_increase": 0.06, "mean_kld": 0.057,
+                                     "top1_agreement": 0.86}}}
+    monkeypatch.setattr(store, "current_build", lambda layout, which="current": "b1" if which == "current" else None)
+    monkeypatch.setattr(store, "build_report", lambda path: report)
+    info = lifecycle._report(choose_layout(root=tmp_path))
+    assert info["adapters"] == {
+        "cards": {"verdict": "warn", "ppl_ratio": 1.06, "ppl_increase": 0.06, "mean_kld": 0.057, "top1_agreement": 0.86},
+        "fraud": {"verdict": "ship", "ppl_ratio": 1.01, "ppl_increase": 0.01, "mean_kld": 0.02, "top1_agreement": 0.97}}
+    monkeypatch.setattr(lifecycle, "status", lambda settings, layout: {
+        "unit": {"installed": False}, "model": {**info, "quant": "Q4_K_M"}, "previous": {}, "endpoint": "http://x",
+        "health": "no answer", "ready": "no answer"})
+    out = CliRunner().invoke(cli, ["status", "--root", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "adapter cards: verdict=warn ppl_ratio=1.06 mean_kld=0.057 top1_agreement=0.86" in out.output
+    assert "adapter fraud: verdict=ship" in out.output
