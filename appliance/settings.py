@@ -116,6 +116,10 @@ class Settings:
     run_dir: Path | None = field(default=None, metadata=_doc(
         "Where `bankllm serve` records its pid and the keys it has in force, so `bankllm keys create/revoke` can make "
         "it reload and confirm; default: $RUNTIME_DIRECTORY under systemd, else <data_dir>/run."))
+    # --- served adapters (issue 13): where adapters added at run time are kept --------------------------
+    state_dir: Path | None = field(default=None, metadata=_doc(
+        "Where the service keeps adapters added at run time (adapters/ and adapters.json), so a restart keeps the "
+        "set; default: $STATE_DIRECTORY under systemd (StateDirectory=), else <data_dir>/state."))
     conversation_max_total: int = field(default=10000, metadata=_doc(
         "Most banking conversations kept in memory; at the cap the key holding the most loses its oldest."))
     conversation_max_per_key: int = field(default=1000, metadata=_doc(
@@ -300,6 +304,15 @@ class Settings:
         if env.get("RUNTIME_DIRECTORY"):
             return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
         return self.data_dir / "run"
+
+    def resolved_state_dir(self, env: typing.Mapping[str, str] | None = None) -> Path:
+        """state_dir, else $STATE_DIRECTORY (systemd's StateDirectory=), else <data_dir>/state."""
+        env = os.environ if env is None else env
+        if self.state_dir is not None:
+            return self.state_dir
+        if env.get("STATE_DIRECTORY"):
+            return Path(env["STATE_DIRECTORY"].split(":")[0])
+        return self.data_dir / "state"
 
     @classmethod
     def explain(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None,

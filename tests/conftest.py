@@ -87,6 +87,34 @@ def lora_adapter(base_dir) -> Path:
     return dest
 
 
+# The shipped adapter (a real PEFT LoRA): converted to a GGUF LoRA by the adapter tests.
+DEFAULT_ADAPTER = REPO / "build" / "default" / "adapter"
+
+
+@pytest.fixture(scope="session")
+def f16_pair(base_dir) -> dict[str, Path]:
+    """The base and the base merged with the shipped adapter, each converted to f16 GGUF by llama.cpp's converter."""
+    from appliance.pipeline.adapter import resolve_adapter
+    from appliance.pipeline.base import inspect_base
+    from appliance.pipeline.convert import convert_to_gguf
+    from appliance.pipeline.merge import merge_adapter
+
+    weights = DEFAULT_ADAPTER / "adapter_model.safetensors"
+    dest = CACHE / f"lora-gguf-{_digest(base_dir.name, weights.stat().st_size, weights.stat().st_mtime_ns, 'v1')}"
+    if not (dest / "merged-f16.gguf").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        work = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        convert_to_gguf(base_dir, work / "base-f16.gguf")
+        merged = merge_adapter(inspect_base(base_dir), resolve_adapter(str(DEFAULT_ADAPTER), None, work / "cache"),
+                               work / "merged")
+        convert_to_gguf(merged, work / "merged-f16.gguf")
+        shutil.rmtree(work / "merged")
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        work.rename(dest)
+    return {"base": dest / "base-f16.gguf", "merged": dest / "merged-f16.gguf"}
+
+
 def run_cli(*args, env=None, netns: bool = False, timeout: float = 900, cwd=None) -> subprocess.CompletedProcess:
     """Run `bankllm ARGS` in a child process; with netns=True inside a network namespace with no network."""
     cmd = [*BANKLLM, *map(str, args)]

@@ -53,7 +53,8 @@ def test_every_route_declares_its_scope(tmp_path):
                 declared[route.path] = handler.opt["scope"]
     assert declared == {"/health": OPEN, "/ready": ANY_KEY, "/metrics": ANY_KEY, "/api/v1/chat": "chat",
                         "/api/v1/classify": "classify", "/v1/chat/completions": "openai", "/v1/completions": "openai",
-                        "/v1/models": "openai", "/v1/models/{model_id:str}": "openai", "/admin/reload": "admin"}
+                        "/v1/models": "openai", "/v1/models/{model_id:str}": "openai", "/admin/reload": "admin",
+                        "/admin/adapters": "admin", "/admin/adapters/{name:str}": "admin"}
 
 
 def test_scopes_are_enforced_on_every_route(tmp_path):

@@ -12,33 +12,7 @@ import pytest
 
 from appliance.errors import InputError
 from appliance.pipeline.lora_gguf import convert_lora
-from tests.conftest import CACHE, REPO, _digest
-
-DEFAULT_ADAPTER = REPO / "build" / "default" / "adapter"
-
-
-@pytest.fixture(scope="module")
-def f16_pair(base_dir) -> dict[str, Path]:
-    """The base and the base merged with the shipped adapter, each converted to f16 GGUF by llama.cpp's converter."""
-    from appliance.pipeline.adapter import resolve_adapter
-    from appliance.pipeline.base import inspect_base
-    from appliance.pipeline.convert import convert_to_gguf
-    from appliance.pipeline.merge import merge_adapter
-
-    weights = DEFAULT_ADAPTER / "adapter_model.safetensors"
-    dest = CACHE / f"lora-gguf-{_digest(base_dir.name, weights.stat().st_size, weights.stat().st_mtime_ns, 'v1')}"
-    if not (dest / "merged-f16.gguf").is_file():
-        shutil.rmtree(dest, ignore_errors=True)
-        work = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(work, ignore_errors=True)
-        convert_to_gguf(base_dir, work / "base-f16.gguf")
-        merged = merge_adapter(inspect_base(base_dir), resolve_adapter(str(DEFAULT_ADAPTER), None, work / "cache"),
-                               work / "merged")
-        convert_to_gguf(merged, work / "merged-f16.gguf")
-        shutil.rmtree(work / "merged")
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        work.rename(dest)
-    return {"base": dest / "base-f16.gguf", "merged": dest / "merged-f16.gguf"}
+from tests.conftest import DEFAULT_ADAPTER, REPO
 
 
 def _logits(model: Path, tokens_text: str, lora: Path | None = None) -> np.ndarray:

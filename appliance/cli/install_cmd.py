@@ -157,6 +157,11 @@ def status(user, root, as_json):
                f" ({unit.get('is-enabled', '-')})")
     click.echo(f"model: {model['build_id']} {model.get('quant') or ''} verdict={model.get('verdict')}" if model
                else "model: none installed")
+    for name, a in (model or {}).get("adapters", {}).items():
+        click.echo(f"  adapter {name}: verdict={a['verdict']} ppl_ratio={a['ppl_ratio']} mean_kld={a['mean_kld']} "
+                   f"top1_agreement={a['top1_agreement']}")
+    if (model or {}).get("adapters"):
+        click.echo("  (adapters added at run time: `bankllm adapters list`)")
     if info["previous"]:
         click.echo(f"previous: {info['previous']['build_id']} (bankllm rollback returns to it)")
     click.echo(f"endpoint: {info['endpoint']} health={info['health']} ready={info['ready']}")

@@ -44,6 +44,9 @@ def _register() -> None:
     for module in (build_cmd, install_cmd, keys_cmd, serve_cmd, train_cmd, eval_cmd, settings_cmd, answers_cmd,
                    sign_cmd, audit_cmd, export_cmd, fleet_cmd, adapters_cmd):
         module.register(cli)
+    from . import adapters_admin  # last: it adds add/remove/list onto the `adapters` group registered above
+
+    adapters_admin.register(cli)
     # The jobs: library output to a log file, bankllm's own progress on the terminal (console.py).
     for name in ("train", "build", "eval", "install", "bundle", "export"):
         cli.commands[name].callback = job(name)(cli.commands[name].callback)

@@ -45,6 +45,11 @@ def _report(layout: Layout, which: str = "current") -> dict:
     chosen = report.get("chosen") or {}
     info.update(verdict=report.get("verdict"), quant=chosen.get("quant") or chosen.get("model"),
                 ppl_increase=chosen.get("ppl_increase"))
+    # A multi-adapter build (issue 13): each adapter with its gate figures.
+    adapters = report.get("adapters") if isinstance(report.get("adapters"), dict) else {}
+    info["adapters"] = {name: {k: a.get(k) for k in ("verdict", "ppl_ratio", "ppl_increase", "mean_kld",
+                                                     "top1_agreement")}
+                        for name, a in sorted(adapters.items()) if isinstance(a, dict)}
     return info
 
 

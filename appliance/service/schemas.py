@@ -91,11 +91,19 @@ class CompletionRequest(_GenerationFields, kw_only=True):
 class BankChatRequest(Struct, kw_only=True):
     message: Annotated[str, Meta(min_length=1)]
     conversation_id: str | None = None
+    model: str | None = None  # absent: the base model; else one of GET /v1/models (an adapter)
+
+
+class AddAdapterRequest(Struct, kw_only=True):
+    name: str
+    path: str  # a directory on the server holding adapter.NAME.* files
+    sha256: str | None = None  # the manifest sha256 the files must have (`bankllm adapters add --sha256`)
 
 
 class ClassifyRequest(Struct, kw_only=True):
     text: Annotated[str, Meta(min_length=1)] | None = None
     texts: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=64)] | None = None
+    model: str | None = None  # absent: the base model; else one of GET /v1/models (an adapter)
 
 
 def stops(value) -> tuple[str, ...]:

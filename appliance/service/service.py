@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BankllmError, ConfigError
+from ..errors import BankllmError, ConfigError, InputError
+from ..fsutil import sha256_file
 from ..settings import Settings
 from .assistant import OUT_OF_SCOPE
 from .audit import AuditLog, build_id_of
@@ -18,6 +19,7 @@ from .conversations import Conversations
 from .errors import APIError, NotFoundError
 from .keys import KeyStore
 from .limits import RateLimiter
+from .adapters import AdapterStore, ServedModel, adapter_model, build_adapters, check_adapter, manifest_sha256
 from .metrics import Metrics
 from .model import resolve_model
 from .labeling import Labeler
@@ -36,22 +38,29 @@ def load_answers(settings: Settings, files):
     against the model's labels and filled with the bank facts. A library the bank gave, or the build carries, must
     be complete (refused otherwise, before the model loads). None when the model has no labels, or when no library
     was given and the shipped default has no answers for these labels: then /api/v1/chat says so and classify works."""
-    from ..answers import AnswerLibrary, AnswerLibraryError, default_answers_file, read_library
     from ..artifacts import ANSWERS_FILE
 
-    if not files.labels:
-        return None
     path = settings.answers_file
     if path is None and files.build_dir is not None and (files.build_dir / ANSWERS_FILE).is_file():
         path = files.build_dir / ANSWERS_FILE
+    return answers_for(files.labels, path, settings.bank_facts)
+
+
+def answers_for(labels: list[str], path: Path | None, bank_facts):
+    """The library at `path` (complete for `labels`), else the shipped default's for them; None without labels, or
+    when the default has no answers for these labels."""
+    from ..answers import AnswerLibrary, AnswerLibraryError, default_answers_file, read_library
+
+    if not labels:
+        return None
     if path is not None:
-        return AnswerLibrary.load(path, files.labels, settings.bank_facts)
+        return AnswerLibrary.load(path, labels, bank_facts)
     try:
-        default = read_library(default_answers_file(), files.labels)
+        default = read_library(default_answers_file(), labels)
     except AnswerLibraryError as exc:  # labels the shipped library has no answers for
         log.warning("the assistant is off: %s -- fix: %s", exc.message, exc.fix)
         return None
-    return default.fill(settings.bank_facts)  # a bank fact that is wrong is refused, not silently ignored
+    return default.fill(bank_facts)  # a bank fact that is wrong is refused, not silently ignored
 
 
 def load_calibration(files) -> dict:
@@ -112,23 +121,74 @@ class Service:
         self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s,
                                            settings.conversation_max_total, settings.conversation_max_per_key)
         self.reloads = 0  # explicit reloads (SIGHUP, POST /admin/reload); the run record carries the count
-        self.labels: list[str] = self.files.labels
-        self.label_set = set(self.labels)
-        self.answers = load_answers(settings, self.files)  # refused here, before the model loads, if incomplete
+        answers = load_answers(settings, self.files)  # refused here, before the model loads, if incomplete
         calibration = load_calibration(self.files)
-        self.temperature = calibration.get("temperature", 1.0)
-        self.threshold = settings.answer_threshold if settings.answer_threshold is not None else \
+        threshold = settings.answer_threshold if settings.answer_threshold is not None else \
             calibration.get("threshold", DEFAULT_THRESHOLD)
+        # Every model id served (issue 13): the base under model_name, then each adapter with its own labels,
+        # calibration, threshold, prompt and answers. Routes pick one per request (model()).
+        self.base = ServedModel(settings.model_name, None, "base", self.files.labels, self.files.system_prompt,
+                                calibration.get("temperature", 1.0), threshold, answers)
+        self.models: dict[str, ServedModel] = {self.base.id: self.base}
+        self.adapter_store = AdapterStore(settings.resolved_state_dir())
+        self._base_sha256: str | None = None
+        self._admin_lock: asyncio.Lock | None = None
+        self._load_adapters()  # refused here, before the model loads, when a build adapter fails its checks
         self.metrics = Metrics()
         self.engine_factory = engine_factory or real_engine
         self.engine = None  # set by start(): loading the model is the lifespan's job, not the constructor's
         self.template: ChatTemplate | None = None
-        self.labeler = None  # constrained label decoding (labeling.py), made once the engine has a vocabulary
         self.ready = False
         self.created = int(time.time())
         self.known_routes: set[str] = set()
         self.on_reload: Callable | None = None  # set by `bankllm serve` to refresh its run record
         self.on_stop: Callable | None = None  # ... and to remove it (uvicorn ends on the re-raised SIGTERM)
+
+    # The base's record under the names the routes and tests have always used.
+    labels = property(lambda self: self.base.labels)
+    label_set = property(lambda self: self.base.label_set)
+    answers = property(lambda self: self.base.answers)
+    threshold = property(lambda self: self.base.threshold)
+    temperature = property(lambda self: self.base.temperature)
+    labeler = property(lambda self: self.base.labeler)
+
+    def base_sha256(self) -> str:
+        """The served model.gguf's sha256 (what an adapter must have been gated against); hashed once."""
+        if self._base_sha256 is None:
+            self._base_sha256 = sha256_file(self.files.gguf)
+        return self._base_sha256
+
+    def _load_adapters(self) -> None:
+        """The build's adapters (one that fails its checks refuses the start) and those added at run time (one that
+        no longer fits, e.g. after a new base was installed, is skipped with a logged reason)."""
+        index = self.adapter_store.load()
+        for name in build_adapters(self.files.build_dir):
+            if name in index["removed"]:
+                continue
+            if name == self.base.id:
+                raise ConfigError(f"adapter {name} has the base's model id", "set model_name to another id")
+            try:
+                report = check_adapter(self.files.build_dir, name, self.base_sha256())
+                model = adapter_model(self.files.build_dir, name, report, "build", self.settings.bank_facts,
+                                      DEFAULT_THRESHOLD, manifest_sha256(self.files.build_dir, name))
+            except BankllmError as exc:
+                raise ConfigError(f"cannot serve adapter {name} of {self.files.build_dir}: {exc.message}",
+                                  exc.fix) from None
+            self.models[name] = model
+        for name, entry in sorted(index["added"].items()):
+            try:
+                if name in self.models:
+                    raise InputError(f"the model id {name} is served already (by the build)",
+                                     f"remove it (`bankllm adapters remove {name}`) and add it under another name")
+                report = check_adapter(self.adapter_store.dir, name, self.base_sha256())
+                manifest = manifest_sha256(self.adapter_store.dir, name)
+                if entry.get("manifest_sha256") not in (None, manifest):
+                    raise InputError(f"the stored files of adapter {name} changed since it was added",
+                                     f"add it again (`bankllm adapters add {name} SRC`)")
+                self.models[name] = adapter_model(self.adapter_store.dir, name, report, "added",
+                                                  self.settings.bank_facts, DEFAULT_THRESHOLD, manifest)
+            except BankllmError as exc:
+                log.error("adapter %s (added at run time) is not served: %s -- fix: %s", name, exc.message, exc.fix)
 
     def keys_path(self) -> Path:
         """The key file to read: the copy a `systemctl reload` refreshed when there is one, else the configured one."""
@@ -144,7 +204,7 @@ class Service:
                            "error": self.keys.error}}
         if self.answers is not None or self.settings.answers_file is not None:
             try:
-                self.answers = load_answers(self.settings, self.files)
+                self.base.answers = load_answers(self.settings, self.files)
                 result["answers"] = {"reloaded": True, "error": None}
             except BankllmError as exc:
                 log.error("answer library not reloaded, the previous one stays in force: %s", exc.message)
@@ -162,8 +222,14 @@ class Service:
         self.engine = self.engine_factory(self.settings, self.files.gguf)
         self.metrics.bind_engine(self.engine)
         self.template = ChatTemplate(self.engine.chat_template(), self.engine.bos_token, self.engine.eos_token)
-        if self.labels:
-            self.labeler = Labeler(self.engine, self.template, self.labels, self.files.system_prompt, self.temperature)
+        for model in self.models.values():
+            if model.adapter is not None:
+                self.engine.add_adapter(model.adapter, model.gguf)
+            self._make_labeler(model)
+
+    def _make_labeler(self, model: ServedModel) -> None:
+        if model.labels:
+            model.labeler = Labeler(self.engine, self.template, model.labels, model.system_prompt, model.temperature)
 
     async def warm_up(self) -> None:
         """Answer one token before declaring ready."""
@@ -185,11 +251,19 @@ class Service:
 
     # -- requests ------------------------------------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        """A request names the served model or none (then it is served by the one model here)."""
-        if model is not None and model != self.settings.model_name:
-            raise NotFoundError(f"the model {model!r} does not exist here; use {self.settings.model_name!r} "
+    def model(self, model_id: str | None, record=None) -> ServedModel:
+        """The model a request names (the base when it names none); 404 naming the served ones otherwise. An
+        adapter's id goes into the request's audit record."""
+        if model_id is None:
+            return self.base
+        if record is not None and model_id != self.base.id:
+            record.extra["model"] = model_id
+        found = self.models.get(model_id)
+        if found is None:
+            served = ", ".join(repr(m) for m in self.models)
+            raise NotFoundError(f"the model {model_id!r} is not served here; use one of {served} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
+        return found
 
     def cap_max_tokens(self, max_tokens: int | None) -> int | None:
         cap = self.settings.max_tokens_cap
@@ -232,14 +306,16 @@ class Service:
         self.metrics.completion_tokens.inc(done.completion_tokens if done is not None else 0)
         record.add(done, prompt, n_prompt)
 
-    async def label(self, request, record, texts: list[str], rank: bool = False) -> list | None:
-        """Constrained label decoding of each text through the classify prompt (calibrated); the engine's Done for
-        each, or None when the client went away. Every answer is a label."""
-        if self.labeler is None:
-            raise APIError("this model has no label set, so it cannot classify; serve a build made from a "
-                           "classification adapter", status=404, code="no_labels")
-        params = self.labeler.params(rank=rank)
-        prepared = [self.labeler.tokens(text) for text in texts]
+    async def label(self, request, record, texts: list[str], rank: bool = False,
+                    model: ServedModel | None = None) -> list | None:
+        """Constrained label decoding of each text through the classify prompt of `model` (the base by default),
+        calibrated; the engine's Done for each, or None when the client went away. Every answer is a label."""
+        model = model or self.base
+        if model.labeler is None:
+            raise APIError(f"the model {model.id!r} has no label set, so it cannot classify; name a classifier "
+                           "model (see GET /v1/models)", status=404, code="no_labels")
+        params = dataclasses.replace(model.labeler.params(rank=rank), adapter=model.adapter)
+        prepared = [model.labeler.tokens(text) for text in texts]
         handles = [self.engine.submit(tokens, params, record.key_id) for tokens in prepared]
         try:
             results = await asyncio.gather(*(wait_result(request, h, self.settings.request_timeout_s) for h in handles))
@@ -253,47 +329,132 @@ class Service:
             raise
         for text, done in zip(texts, results):
             self.account(record, done, None if rank else text)  # a ranking re-reads a text already recorded
-            if done.text not in self.label_set:  # the label trie makes this impossible; refuse rather than invent
+            if done.text not in model.label_set:  # the label trie makes this impossible; refuse rather than invent
                 raise APIError(f"classification produced no valid label (finish: {done.finish_reason})", status=500)
         return results
 
-    async def classify(self, request, record, texts: list[str]) -> list | None:
+    async def classify(self, request, record, texts: list[str], model: ServedModel | None = None) -> list | None:
         """Intent, calibrated confidence and whether the assistant would answer it, for each text."""
-        results = await self.label(request, record, texts)
+        model = model or self.base
+        results = await self.label(request, record, texts, model=model)
         if results is None:
             return None
-        return [Classification(d.text, d.probability or 0.0, self.in_scope(d.text, d.probability or 0.0))
+        return [Classification(d.text, d.probability or 0.0, self.in_scope(d.text, d.probability or 0.0, model))
                 for d in results]
 
-    async def rank(self, request, record, text: str) -> list | None:
+    async def rank(self, request, record, text: str, model: ServedModel | None = None) -> list | None:
         """The likeliest intents for `text`, best first, with calibrated probabilities."""
         # The greedy label first: most messages are answered on it, and exploring alternatives costs decode steps.
         # Only an uncertain one is decoded again with alternatives (its prompt's KV is still in the slot).
-        results = await self.label(request, record, [text])
+        model = model or self.base
+        results = await self.label(request, record, [text], model=model)
         if results is None:
             return None
         done = results[0]
-        if done.text == OUT_OF_SCOPE or (done.probability or 0.0) >= self.threshold:
+        if done.text == OUT_OF_SCOPE or (done.probability or 0.0) >= model.threshold:
             return [(done.text, done.probability or 0.0)]
-        results = await self.label(request, record, [text], rank=True)
+        results = await self.label(request, record, [text], rank=True, model=model)
         if results is None:
             return None
         done = results[0]
         return list(done.candidates or [(done.text, done.probability or 0.0)])
 
-    def in_scope(self, intent: str, confidence: float) -> bool:
-        return intent != OUT_OF_SCOPE and confidence >= self.threshold
+    def in_scope(self, intent: str, confidence: float, model: ServedModel | None = None) -> bool:
+        return intent != OUT_OF_SCOPE and confidence >= (model or self.base).threshold
+
+    # -- adapters added and removed at run time (admin routes) --------------------------------------------------
+
+    def adapters_info(self) -> dict:
+        """The served base and every adapter with its gate figures (GET /admin/adapters, `bankllm status`)."""
+        return {"base": {"name": self.base.id, "model": str(self.files.gguf), "labels": len(self.base.labels)},
+                "adapters": [m.describe() for m in self.models.values() if m.adapter is not None],
+                "state_dir": str(self.adapter_store.state_dir)}
+
+    def _lock(self) -> asyncio.Lock:
+        if self._admin_lock is None:
+            self._admin_lock = asyncio.Lock()  # made inside the running loop
+        return self._admin_lock
+
+    async def add_adapter(self, name: str, path: str, sha256: str | None = None) -> dict:
+        """Check adapter NAME's files in `path` against the served base, copy them into the state directory, load
+        them into the engine between decode steps and serve them under NAME (persisted for restarts)."""
+        from ..artifacts import check_adapter_name
+
+        async with self._lock():
+            try:
+                check_adapter_name(name)
+            except InputError as exc:
+                raise APIError(f"{exc.message}; {exc.fix}", param="name", code="bad_adapter_name") from None
+            if name in self.models:
+                what = "the base model" if name == self.base.id else "an adapter"
+                raise APIError(f"the model id {name!r} is served already ({what}); remove it first or pick another "
+                               "name", status=409, param="name", code="duplicate_model")
+            src = Path(path)
+            if not src.is_absolute() or not src.is_dir():
+                raise APIError(f"{path!r} is not a directory the service can read; pass the absolute path of a "
+                               "directory holding the adapter's files (the system service sees neither /tmp, /var/tmp nor /home: "
+                               "copy them e.g. under /srv)",
+                               param="path", code="bad_adapter_path")
+            try:
+                report, manifest = await asyncio.to_thread(self._check_source, src, name, sha256)
+                await asyncio.to_thread(self.adapter_store.install, src, name, report)
+            except BankllmError as exc:
+                raise APIError(f"{exc.message}; {getattr(exc, 'fix', '')}".rstrip("; "), param="path",
+                               code="adapter_refused") from None
+            try:
+                model = adapter_model(self.adapter_store.dir, name, report, "added", self.settings.bank_facts,
+                                      DEFAULT_THRESHOLD, manifest)
+                # libllama reads the file between decode steps: other models' streams go on.
+                await asyncio.to_thread(self.engine.add_adapter, name, model.gguf)
+            except BankllmError as exc:
+                self.adapter_store.discard(name)
+                raise APIError(f"{exc.message}; {getattr(exc, 'fix', '')}".rstrip("; "), param="path",
+                               code="adapter_refused") from None
+            try:
+                self._make_labeler(model)
+                self.adapter_store.record_added(name, manifest, src)
+            except BaseException:
+                self.engine.remove_adapter(name)
+                self.adapter_store.discard(name)
+                raise
+            self.models[name] = model
+            log.warning("adapter %s added from %s (manifest %s)", name, src, manifest)
+            return model.describe()
+
+    def _check_source(self, src: Path, name: str, sha256: str | None) -> tuple[dict, str]:
+        manifest = manifest_sha256(src, name)
+        if sha256 is not None and sha256.lower() != manifest:
+            raise InputError(f"the adapter files in {src} have manifest sha256 {manifest}, not {sha256}",
+                             "check you copied the adapter you meant to (or pin the right sha256)")
+        return check_adapter(src, name, self.base_sha256()), manifest
+
+    async def remove_adapter(self, name: str) -> dict:
+        """New requests for NAME get 404 from now on; those in flight finish, then the engine frees it."""
+        async with self._lock():
+            if name == self.base.id:
+                raise APIError(f"{name!r} is the base model, the last model this service can serve; it cannot be "
+                               "removed (install another build to change it)", status=409, code="last_model")
+            model = self.model(name)
+            self.adapter_store.record_removed(name, model.origin)  # first: a state dir that cannot be written changes nothing
+            del self.models[name]
+            self.engine.remove_adapter(name)
+            if model.origin == "added":
+                self.adapter_store.discard(name)
+            log.warning("adapter %s removed", name)
+            return {"removed": name, "served": list(self.models)}
 
     # -- the banking assistant -----------------------------------------------------------------------------------
 
-    async def assist(self, request, record, conv, message: str):
+    async def assist(self, request, record, conv, message: str, model: ServedModel | None = None):
         """One turn of /api/v1/chat: a Reply from the approved library (or, in generative mode, the model's answer
         with the approved one as its reference); None when the client went away."""
         from . import assistant as a
 
-        lib = self.answers
+        model = model or self.base
+        lib = model.answers
         if lib is None:
-            raise APIError("the assistant has no approved-answer library for this model's labels; write one, check "
+            raise APIError(f"the assistant has no approved-answer library for the labels of model {model.id!r}; "
+                           "write one, check "
                            "it with `bankllm answers check`, set answers_file and restart", status=503,
                            code="no_answer_library")
         if conv.pending:
@@ -301,30 +462,32 @@ class Service:
             if picked == a.OUT_OF_SCOPE:
                 return a.Reply(lib.message("handoff"), a.OUT, None, 0.0, True)
             if picked is not None:
-                return await self._answer(request, record, conv, message, picked, 1.0)
+                return await self._answer(request, record, conv, message, picked, 1.0, model)
             message_for_model = f"{conv.pending_text} {message}"  # a fresh wording reads with what it explains
         else:
             message_for_model = message
-        ranked = await self.rank(request, record, message_for_model)
+        ranked = await self.rank(request, record, message_for_model, model)
         if ranked is None:
             return None
-        kind, chosen = a.decide(ranked, a.Policy(self.threshold, self.settings.clarify_mass))
+        kind, chosen = a.decide(ranked, a.Policy(model.threshold, self.settings.clarify_mass))
         intent, p = chosen[0] if chosen else (None, 0.0)
         record.extra.update({"intent": intent, "confidence": round(p, 4), "source": kind})
         if kind == a.APPROVED:
-            return await self._answer(request, record, conv, message, intent, p)
+            return await self._answer(request, record, conv, message, intent, p, model)
         if kind == a.CLARIFY:
             options = [i for i, _ in chosen]
             text = a.clarify_text(options, lib.descriptions, lib.messages)
             return a.Reply(text, a.CLARIFY, intent, p, False, options)
         return a.Reply(lib.message("handoff"), a.OUT, None if intent == a.OUT_OF_SCOPE else intent, p, True)
 
-    async def _answer(self, request, record, conv, message: str, intent: str, p: float):
+    async def _answer(self, request, record, conv, message: str, intent: str, p: float,
+                      model: ServedModel | None = None):
         """The approved answer for `intent`; in generative mode the model's, written with it as the reference."""
         from . import assistant as a
         from .engine import GenParams
 
-        approved = self.answers.answer(intent)
+        model = model or self.base
+        approved = model.answers.answer(intent)
         if self.settings.chat_mode != "generative":
             return a.Reply(approved, a.APPROVED, intent, p, False)
         max_tokens = min(256, self.settings.max_tokens_cap)
@@ -339,7 +502,8 @@ class Service:
             if len(tokens) + max_tokens <= self.engine.seq_ctx or not history:
                 break
             history = history[1:]  # the oldest turns make room for the new one
-        params = GenParams(max_tokens=min(max_tokens, self.engine.seq_ctx - len(tokens)), temperature=0.0)
+        params = GenParams(max_tokens=min(max_tokens, self.engine.seq_ctx - len(tokens)), temperature=0.0,
+                           adapter=model.adapter)
         gen = self.generate(params, record.key_id, prompt=message, tokens=tokens, param="message")
         done = await self.finish(request, record, gen)
         if done is None:

@@ -13,7 +13,8 @@ import asyncio
 import re
 from typing import Callable
 
-from ..errors import BusyError, PromptTooLongError
+from ...errors import InputError
+from ..errors import BusyError, NotFoundError, PromptTooLongError
 from .api import Choices, Delta, Done, GenParams, check_fits
 from .handle import Handle
 from .text import TextStream
@@ -69,8 +70,14 @@ class FakeEngine:
     """Serves the routes with no model: deterministic byte tokens and scripted answers."""
 
     def __init__(self, *, reply: str | Reply | None = None, choose: Choose | None = None, n_slots: int = 2,
-                 seq_ctx: int = 2048, queue_max: int = 8, step_s: float = 0.0, template: str | None = None):
+                 seq_ctx: int = 2048, queue_max: int = 8, step_s: float = 0.0, template: str | None = None,
+                 adapter_replies: dict[str, str | Reply] | None = None):
         self.reply = (lambda _: reply) if isinstance(reply, str) else (reply or echo_last_user)
+        # Adapters: a request on adapter NAME is answered by adapter_replies[NAME] (else by `reply`), so a test can
+        # tell which adapter served it; add_adapter/remove_adapter as the engine's (no file is read).
+        self.adapter_replies = {k: (lambda _, r=r: r) if isinstance(r, str) else r
+                                for k, r in (adapter_replies or {}).items()}
+        self.adapters_loaded: dict[str, str] = {}
         self.choose = choose or first_named_or_first
         self.n_slots = n_slots
         self.seq_ctx = seq_ctx
@@ -128,7 +135,23 @@ class FakeEngine:
     def check_grammar(self, grammar: str) -> None:
         """Every grammar compiles here (the fake does not constrain free text)."""
 
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.adapters_loaded)
+
+    def add_adapter(self, name: str, path) -> None:
+        if name in self.adapters_loaded:
+            raise InputError(f"an adapter named {name!r} is loaded already", "remove it first or pick another name")
+        self.adapters_loaded[name] = str(path)
+
+    def remove_adapter(self, name: str) -> None:
+        if self.adapters_loaded.pop(name, None) is None:
+            raise NotFoundError(f"no adapter named {name!r} is loaded", param="model")
+
     def submit(self, tokens: list[int], params: GenParams, owner: str | None = None) -> Handle:
+        if params.adapter is not None and params.adapter not in self.adapters_loaded:
+            raise NotFoundError(f"no adapter named {params.adapter!r} is loaded", param="model")
         if not tokens:
             raise PromptTooLongError("the prompt is empty; send some text", "prompt")
         if self._stopping:
@@ -178,7 +201,8 @@ class FakeEngine:
             steps = []  # no logits here
             out = answers[texts.index(label)]
         else:
-            out = self.tokenize(self.reply(prompt), special=False) + [EOS]
+            reply = self.adapter_replies.get(params.adapter, self.reply) if params.adapter else self.reply
+            out = self.tokenize(reply(prompt), special=False) + [EOS]
         self.prompt_total += len(tokens)
         stream = TextStream(params.stop)
         generated: list[int] = []

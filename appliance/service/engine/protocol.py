@@ -42,4 +42,8 @@ class EngineClient(Protocol):
 
     def submit(self, tokens: list[int], params: GenParams, owner: str | None = None) -> Handle: ...
 
+    def add_adapter(self, name: str, path) -> None: ...  # a GGUF LoRA, loaded between decode steps
+
+    def remove_adapter(self, name: str) -> None: ...  # new requests refused; those in flight finish
+
     def close(self) -> None: ...

@@ -87,7 +87,7 @@ async def _respond(request: Request, svc: NamedDependency[Service], record: Name
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest], svc: NamedDependency[Service],
                            record: NamedDependency[RequestRecord]) -> Response | Stream:
-    svc.check_model(data.model)
+    model = svc.model(data.model, record)
     max_tokens = svc.cap_max_tokens(data.max_completion_tokens or data.max_tokens)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                 for i, m in enumerate(data.messages)]
@@ -100,9 +100,9 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
                            "JSON short); remove `stop`", param="stop")
         svc.engine.check_grammar(grammar)
     params = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, seed=data.seed,
-                       stop=stops(data.stop), grammar=grammar)
+                       stop=stops(data.stop), grammar=grammar, adapter=model.adapter)
     gen = svc.generate(params, record.key_id, prompt=prompt, tokens=tokens)
-    base = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": svc.settings.model_name,
+    base = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": model.id,
             "system_fingerprint": None}
     return await _respond(
         request, svc, record, gen, data.stream, data.stream_options,
@@ -117,14 +117,14 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
 @post("/v1/completions", status_code=200, summary="Create a text completion (OpenAI-compatible)")
 async def completions(request: Request, data: JSONBody[CompletionRequest], svc: NamedDependency[Service],
                       record: NamedDependency[RequestRecord]) -> Response | Stream:
-    svc.check_model(data.model)
+    model = svc.model(data.model, record)
     max_tokens = svc.cap_max_tokens(data.max_tokens)
     prompt = data.prompt if isinstance(data.prompt, str) else data.prompt[0]
     params = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, seed=data.seed,
-                       stop=stops(data.stop))
+                       stop=stops(data.stop), adapter=model.adapter)
     gen = svc.generate(params, record.key_id, prompt=prompt, param="prompt")
     base = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()),
-            "model": svc.settings.model_name, "system_fingerprint": None}
+            "model": model.id, "system_fingerprint": None}
     return await _respond(
         request, svc, record, gen, data.stream, data.stream_options, base,
         lambda done: {"choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}]},
@@ -132,16 +132,21 @@ async def completions(request: Request, data: JSONBody[CompletionRequest], svc: 
         lambda text, fin: {"index": 0, "text": text or "", "logprobs": None, "finish_reason": fin})
 
 
-@get("/v1/models", summary="List the served model")
+def _model_card(svc: Service, model) -> dict:
+    """As vLLM lists LoRA adapters: `parent` is the base an adapter runs on (None for the base itself)."""
+    return {"id": model.id, "object": "model", "created": svc.created, "owned_by": "bankllm",
+            "root": svc.base.id, "parent": None if model.adapter is None else svc.base.id,
+            "base": model.adapter is None, "classifier": bool(model.labels)}
+
+
+@get("/v1/models", summary="List the served models: the base and every adapter")
 async def list_models(svc: NamedDependency[Service]) -> dict:
-    return {"object": "list", "data": [{"id": svc.settings.model_name, "object": "model",
-                                        "created": svc.created, "owned_by": "bankllm"}]}
+    return {"object": "list", "data": [_model_card(svc, m) for m in list(svc.models.values())]}
 
 
-@get("/v1/models/{model_id:str}", summary="Describe the served model")
+@get("/v1/models/{model_id:str}", summary="Describe a served model")
 async def get_model(model_id: FromPath[str], svc: NamedDependency[Service]) -> dict:
-    svc.check_model(model_id)
-    return {"id": model_id, "object": "model", "created": svc.created, "owned_by": "bankllm"}
+    return _model_card(svc, svc.model(model_id))
 
 
 ROUTES = scoped("openai", chat_completions, completions, list_models, get_model)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from litestar import get, post
+from litestar import delete, get, post
 from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
 from ..auth import ANY_KEY, OPEN
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE_LATEST
+from ..schemas import AddAdapterRequest
 from ..service import Service
 from . import scoped
 
@@ -23,7 +25,7 @@ async def ready(svc: NamedDependency[Service]) -> dict:
     if not svc.ready:
         raise APIError("the model is not loaded yet; retry shortly", status=503)
     return {"status": "ready", "model": svc.settings.model_name, "slots": svc.engine.n_slots,
-            "context_per_request": svc.engine.seq_ctx, "labels": len(svc.labels)}
+            "context_per_request": svc.engine.seq_ctx, "labels": len(svc.labels), "models": list(svc.models)}
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
@@ -40,4 +42,21 @@ async def admin_reload(svc: NamedDependency[Service]) -> dict:
     return {"status": "reloaded", **result}
 
 
-ROUTES = [*scoped(OPEN, health), *scoped(ANY_KEY, ready, metrics), *scoped("admin", admin_reload)]
+@get("/admin/adapters", summary="The served base and adapters with their gate figures (admin scope)")
+async def admin_adapters(svc: NamedDependency[Service]) -> dict:
+    return svc.adapters_info()
+
+
+@post("/admin/adapters", status_code=201, summary="Add an adapter hot from a directory on the server (admin scope)")
+async def admin_add_adapter(data: JSONBody[AddAdapterRequest], svc: NamedDependency[Service]) -> dict:
+    return {"status": "added", "adapter": await svc.add_adapter(data.name, data.path, data.sha256)}
+
+
+@delete("/admin/adapters/{name:str}", status_code=200, summary="Stop serving an adapter; requests in flight finish "
+        "(admin scope)")
+async def admin_remove_adapter(name: FromPath[str], svc: NamedDependency[Service]) -> dict:
+    return {"status": "removed", **await svc.remove_adapter(name)}
+
+
+ROUTES = [*scoped(OPEN, health), *scoped(ANY_KEY, ready, metrics),
+          *scoped("admin", admin_reload, admin_adapters, admin_add_adapter, admin_remove_adapter)]
