@@ -257,3 +257,32 @@ def test_bad_adapters_fail_in_one_line_and_leave_nothing(base_dir, fraud_adapter
                   adapter_sha256=["pinned=" + "0" * 64], out=out)
     assert directory_digest(fraud_adapter) in str(info.value)
     assert not (tmp_path / "builds").exists() and not (tmp_path / "data" / "work").exists()
+
+
+def test_the_bundle_and_the_model_store_carry_every_adapter(multi_built, tmp_path):
+    """`bankllm bundle` and `bankllm install` carry a multi-adapter build whole: every adapter.NAME.* file arrives with
+    the sha256 its report records."""
+    import hashlib
+    import sys
+
+    from appliance.artifacts import read_report
+    from appliance.install.bundle import make_bundle, open_bundle
+    from appliance.install.layout import system_layout
+    from appliance.install.store import store_build
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "bankllm-0.1.0-py3-none-any.whl").write_bytes(b"a wheel")
+    make_bundle(tmp_path / "b.tar", multi_built, wheels, Path(sys.executable))
+    digest = hashlib.sha256((tmp_path / "b.tar").read_bytes()).hexdigest()
+    opened = open_bundle(tmp_path / "b.tar", tmp_path / "unpacked", bundle_sha256=digest)
+    layout = system_layout(tmp_path / "root")
+    build_id = read_report(multi_built)["build_id"]
+    assert store_build(layout, opened.build_dir, build_id)
+    stored = layout.host(layout.models_dir) / build_id
+    adapters = read_report(multi_built)["adapters"]
+    assert set(adapters) == {"cards", "fraud"}
+    for name in adapters:
+        report = json.loads((multi_built / f"adapter.{name}.report.json").read_text())
+        for file, sha in report["files"].items():
+            assert hashlib.sha256((stored / file).read_bytes()).hexdigest() == sha, file
