@@ -20,7 +20,7 @@ from . import scoped
 async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: NamedDependency[Service], record: NamedDependency[RequestRecord]) -> Response:
     start = time.perf_counter()
     if data.conversation_id:
-        conv = svc.conversations.get(data.conversation_id, record.key_id)
+        conv = await svc.conversations.get(data.conversation_id, record.key_id)
         if conv is None:
             raise NotFoundError(
                 f"conversation_id {data.conversation_id!r} is unknown or expired (idle conversations end after "
@@ -30,8 +30,8 @@ async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: Name
     reply = await svc.assist(request, record, conv, data.message)
     if reply is None:
         return Response(b"", status_code=499)
-    svc.conversations.add_turn(conv, data.message, reply.response, reply.options,
-                               conv.pending_text or data.message if reply.options else "")
+    await svc.conversations.add_turn(conv, data.message, reply.response, reply.options,
+                                     conv.pending_text or data.message if reply.options else "")
     body = {"response": reply.response, "conversation_id": conv.id, "intent": reply.intent,
             "confidence": round(reply.confidence, 4), "handoff": reply.handoff, "source": reply.source}
     if reply.options:

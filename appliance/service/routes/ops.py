@@ -1,4 +1,5 @@
-"""Operations routes: /health (no key), /ready and /metrics (any key); admin routes (admin scope): /admin/reload."""
+"""Operations routes: /health (no key), /ready and /metrics (any key, health keys included); admin routes (admin
+scope): /admin/reload."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from litestar import get, post
 from litestar.di import NamedDependency
 from litestar.response import Response
 
-from ..auth import ANY_KEY, OPEN
+from ..auth import HEALTH, OPEN
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..service import Service
@@ -40,4 +41,4 @@ async def admin_reload(svc: NamedDependency[Service]) -> dict:
     return {"status": "reloaded", **result}
 
 
-ROUTES = [*scoped(OPEN, health), *scoped(ANY_KEY, ready, metrics), *scoped("admin", admin_reload)]
+ROUTES = [*scoped(OPEN, health), *scoped(HEALTH, ready, metrics), *scoped("admin", admin_reload)]
