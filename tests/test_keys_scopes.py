@@ -213,6 +213,6 @@ def test_a_refused_chat_request_leaves_no_conversation(tmp_path):
         assert r.status_code == 404
         r = call(c, key, "POST", "/api/v1/chat", {"message": ""})
         assert r.status_code == 400
-        assert len(svc.conversations) == 0
+        assert len(svc.conversations.inner) == 0
         assert call(c, key, *CALLS["chat"]).status_code == 200
-        assert len(svc.conversations) == 1
+        assert len(svc.conversations.inner) == 1
