@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import ConfigError, InstallError
 from ..fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..service import keys
-from ..settings import TLS_CREDENTIALS, Settings, check_keys, read_toml, render_toml
+from ..settings import REDIS_CREDENTIALS, TLS_CREDENTIALS, Settings, check_keys, read_toml, render_toml
 from . import store
 from . import systemd as sd
 from .health import pin_of, read_first_key, unit_active, unit_last_error, wait_ready
@@ -95,8 +95,8 @@ def write_config(settings: Settings, layout: Layout, changed: list[str], trust_k
 
 
 def tls_credentials(layout: Layout) -> dict[str, Path]:
-    """The installed copies of the TLS files (credential name -> target path) that exist now."""
-    return {cred: layout.credentials_dir / cred for cred in TLS_CREDENTIALS.values()
+    """The installed copies of the TLS (and Redis) files (credential name -> target path) that exist now."""
+    return {cred: layout.credentials_dir / cred for cred in (*TLS_CREDENTIALS.values(), *REDIS_CREDENTIALS.values())
             if layout.host(layout.credentials_dir / cred).is_file()}
 
 
@@ -107,7 +107,7 @@ def install_tls(settings: Settings, layout: Layout, changed: list[str]) -> Setti
     creds.mkdir(parents=True, exist_ok=True)
     os.chmod(creds, 0o700)
     copies = {}
-    for name, cred in TLS_CREDENTIALS.items():
+    for name, cred in {**TLS_CREDENTIALS, **REDIS_CREDENTIALS}.items():  # the Redis password and CA too (issue 12)
         source, dest = getattr(settings, name), creds / cred
         if source is None:
             if dest.exists():

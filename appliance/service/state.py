@@ -95,7 +95,7 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- ALL (member owner TAB id, score last use) is refreshed on every write, so it outlives every owner's index:
+-- ALL (member owner TAB id, score last use in ms) is refreshed on every write, so it outlives every owner's index:
 -- the owner counts follow it.
 local function drop(owner, id)
   redis.call('DEL', P .. 'conv:' .. id, P .. 'turns:' .. id)
@@ -148,8 +148,9 @@ if turn ~= '' then
 end
 redis.call('HSET', META, 'pending', pending, 'pending_text', ptext)
 redis.call('ZADD', ALL, now, owner .. '\t' .. id)
-redis.call('ZADD', MINE, now, id)
-for _, k in ipairs({META, TURNS, MINE, ALL, COUNTS}) do redis.call('PEXPIRE', k, ttl) end
+-- The owner's index is ordered by a counter, not the clock: several uses within one millisecond keep their order.
+redis.call('ZADD', MINE, redis.call('INCR', P .. 'seq'), id)
+for _, k in ipairs({META, TURNS, MINE, ALL, COUNTS, P .. 'seq'}) do redis.call('PEXPIRE', k, ttl) end
 return redis.call('LRANGE', TURNS, 0, -1)
 """
 
@@ -358,21 +359,24 @@ def check_connection(settings, env=None) -> None:
     from redis.retry import Retry
 
     where = redis_address(settings.redis_url)
-    client = redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **client_options(settings, env))
+    opts = client_options(settings, env)
+    client = redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **opts)
     try:
         client.ping()
-    except rex.AuthenticationError as exc:
-        raise ConfigError(f"Redis at {where} refused the login ({' '.join(str(exc).split())})",
-                          "set redis_password_file (and redis_username for an ACL user) to the credentials the "
-                          "server expects") from None
-    except rex.ResponseError as exc:
-        text = " ".join(str(exc).split())
-        if "NOAUTH" in text or "NOPERM" in text or "WRONGPASS" in text:
+    except (rex.AuthenticationError, rex.ResponseError) as exc:
+        text = " ".join(str(exc).split())[:160]
+        login = isinstance(exc, rex.AuthenticationError) or any(w in text for w in ("NOAUTH", "NOPERM", "WRONGPASS"))
+        if login and opts["password"] is None:
             raise ConfigError(f"Redis at {where} needs a password this node was not given ({text})",
-                              "set redis_password_file to a file holding the Redis password") from None
+                              "set redis_password_file to a file holding the Redis password (and redis_username "
+                              "for an ACL user)") from None
+        if login:
+            raise ConfigError(f"Redis at {where} refused the login ({text})",
+                              "set redis_password_file (and redis_username for an ACL user) to the credentials the "
+                              "server expects") from None
         raise ConfigError(f"Redis at {where} refused PING ({text})", "check the Redis server and redis_url") from None
     except (rex.RedisError, OSError) as exc:
-        text = " ".join(str(exc).split()) or type(exc).__name__
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise ConfigError(f"cannot reach Redis at {where} ({text})",
                           "start the Redis/Valkey server, or fix redis_url (rediss:// with redis_tls_ca for TLS), "
                           "or set state_backend = 'memory' on a single machine") from None
