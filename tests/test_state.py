@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 from pathlib import Path
 
@@ -176,6 +177,16 @@ def test_an_outage_is_a_quick_503_and_the_store_recovers(tmp_path):
             assert "Redis at redis://127.0.0.1" in err.value.message and "retry" in err.value.message
         server.start()
         assert await limits.check("k") == 0.0  # the same client reconnects by itself
+        # A Redis that hangs (stopped, its socket open): the socket timeout answers, not a hang.
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(StateUnavailableError) as err:
+                await limits.check("k")
+            assert time.monotonic() - start < 4 * 0.5 and "Timeout" in err.value.message, err.value.message
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert await limits.check("k") == 0.0
         await convs.add_turn(convs.draft("k"), "q", "a")
         assert await convs.count("k") == 1
 
