@@ -16,7 +16,10 @@ from litestar.testing import TestClient
 
 from appliance.cli.main import cli
 from appliance.errors import ConfigError
+from appliance.install import steps
 from appliance.install import systemd as sd
+from appliance.install.installer import settings_for_install
+from appliance.install.layout import system_layout
 from appliance.service.state import StateUnavailableError, open_state
 from appliance.settings import Settings
 from tests._redis_util import RedisServer
@@ -302,6 +305,27 @@ def test_the_unit_hands_over_the_redis_password_only_when_set(tmp_path):
     creds = sd.parse_unit(unit)["Service"]["LoadCredential"]
     assert "redis-password:/etc/bankllm/credentials/redis-password" in creds
     assert "redis-ca:/etc/bankllm/credentials/redis-ca" in creds and "@REDIS" not in unit
+
+
+def test_install_copies_the_redis_password_0600_and_the_unit_hands_it_over(tmp_path):
+    secret = tmp_path / "redis.pw"
+    secret.write_text("s3cret-pw\n")
+    lay = system_layout(tmp_path / "img")
+    settings = Settings.load(env={}, state_backend="redis", redis_url="redis://10.0.0.5:6379/0",
+                             redis_password_file=secret)
+    changed: list[str] = []
+    installed = steps.install_tls(settings, lay, changed)
+    copy = lay.host(lay.credentials_dir) / "redis-password"
+    assert changed == ["redis-password"] and copy.read_bytes() == secret.read_bytes()
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert installed.redis_password_file == Path("/etc/bankllm/credentials/redis-password")
+    steps.write_config(installed, lay, changed)
+    text = lay.host(lay.config_file).read_text()
+    assert 'redis_password_file = "/etc/bankllm/credentials/redis-password"' in text and "s3cret" not in text
+    assert steps.tls_credentials(lay) == {"redis-password": Path("/etc/bankllm/credentials/redis-password")}
+    again = settings_for_install(lay)  # a staged install reads the copy where it is staged now
+    assert again.redis_password_file == copy
+    assert steps.install_tls(Settings.load(env={}), lay, changed) and "redis-password removed" in changed
 
 
 # --- the health scope ---------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from .venv import ensure_venv, switch_link
 
 # Keys of bankllm.toml the installer owns; every other setting an operator adds is kept as it is.
 OWNED = ("host", "port", "model", "model_name", "allowed_networks",
-         "tls_cert", "tls_key", "tls_client_ca", "require_client_cert")
+         "tls_cert", "tls_key", "tls_client_ca", "require_client_cert", "redis_password_file", "redis_tls_ca")
 CONFIG_HEADER = ("bankllm settings (`bankllm settings --config FILE` shows every key, its value and its source).",
-                 "`bankllm install` rewrites host, port, model, model_name, allowed_networks and the tls_* keys; "
+                 "`bankllm install` rewrites host, port, model, model_name, allowed_networks, the tls_* keys and "
+                 "the Redis password and CA files (pointed at their 0600 copies); "
                  "other settings stay (a key that is not a setting is refused).")
 
 
@@ -88,7 +89,8 @@ def write_config(settings: Settings, layout: Layout, changed: list[str], trust_k
     values = {"host": settings.host, "port": settings.port, "model": str(layout.current),
               "model_name": settings.model_name, "allowed_networks": list(settings.allowed_networks),
               "tls_cert": settings.tls_cert, "tls_key": settings.tls_key, "tls_client_ca": settings.tls_client_ca,
-              "require_client_cert": settings.require_client_cert or None, **kept}
+              "require_client_cert": settings.require_client_cert or None,
+              "redis_password_file": settings.redis_password_file, "redis_tls_ca": settings.redis_tls_ca, **kept}
     if trust_key is not None:
         values["trust_key"] = str(trust_key)
     write_if_changed(path, render_config(values), 0o644, changed, "config")
