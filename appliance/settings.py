@@ -182,7 +182,8 @@ class Settings:
     redis_key_prefix: str = field(default="bankllm:", metadata=_doc(
         "Prefix of every Redis key this service writes (one prefix per fleet sharing a Redis)."))
     redis_timeout_s: float = field(default=1.0, metadata=_doc(
-        "Connect and socket timeout of each Redis call: an unreachable Redis answers 503 after this, never hangs."))
+        "Connect and socket timeout of each Redis call (one retry): a Redis that hangs gives 503 after at most twice "
+        "this, one that refuses at once."))
     unsafe_serve_as_root: bool = field(default=False, metadata=_doc(
         "Let `bankllm serve` run as root outside systemd (only for a container or test whose root is already "
         "confined); otherwise serve as the service user (`bankllm serve --as-user bankllm`) or under the unit."))

@@ -9,7 +9,7 @@ times, and two concurrent turns of one conversation are both kept. Time is the R
 clocks need not agree, and idle expiry is a Redis TTL. One Redis (or a primary with replicas), not Redis Cluster:
 the scripts touch keys they compute.
 
-A Redis that cannot be reached answers StateUnavailableError (503, one line) after at most a few redis_timeout_s,
+A Redis that cannot be reached answers StateUnavailableError (503, one line) after at most 2 x redis_timeout_s,
 never a 500 or a hang; each call reconnects, so the node recovers by itself when Redis is back.
 """
 
