@@ -175,6 +175,24 @@ class Settings:
         "one of them."))
     require_client_cert: bool = field(default=False, metadata=_doc(
         "Mutual TLS: refuse every connection without a client certificate signed by tls_client_ca."))
+    # --- shared state of a fleet (issue 12: conversations and rate limits in Redis/Valkey) -------
+    state_backend: str = field(default="memory", metadata=_doc(
+        "Where conversation history and per-key rate limits live: 'memory' (this process; one machine) or "
+        "'redis' (a Redis/Valkey server every node of a fleet shares)."))
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_doc(
+        "Redis/Valkey address for state_backend = 'redis': redis://host:port/db, or rediss:// for TLS; no password "
+        "in it (use redis_password_file)."))
+    redis_username: str | None = field(default=None, metadata=_doc("Redis ACL user name (default: the default user)."))
+    redis_password_file: Path | None = field(default=None, metadata=_doc(
+        "File holding the Redis password (a secret: never put it in the TOML); under systemd it is handed over with "
+        "LoadCredential=redis-password."))
+    redis_tls_ca: Path | None = field(default=None, metadata=_doc(
+        "PEM CA that signs the Redis server's certificate (rediss://; default: the system's CAs)."))
+    redis_key_prefix: str = field(default="bankllm:", metadata=_doc(
+        "Prefix of every Redis key this service writes (one prefix per fleet sharing a Redis)."))
+    redis_timeout_s: float = field(default=1.0, metadata=_doc(
+        "Connect and socket timeout of each Redis call (one retry): a Redis that hangs gives 503 after at most twice "
+        "this, one that refuses at once."))
     unsafe_serve_as_root: bool = field(default=False, metadata=_doc(
         "Let `bankllm serve` run as root outside systemd (only for a container or test whose root is already "
         "confined); otherwise serve as the service user (`bankllm serve --as-user bankllm`) or under the unit."))
@@ -238,6 +256,13 @@ class Settings:
         if self.conversation_max_total < 1 or self.conversation_max_per_key < 1:
             raise ConfigError("conversation_max_total and conversation_max_per_key must be at least 1",
                               "set them to positive numbers (defaults 10000 and 1000)")
+        if self.state_backend not in ("memory", "redis"):  # shared state (issue 12)
+            raise ConfigError(f"state_backend={self.state_backend!r} is not a backend",
+                              "set state_backend to 'memory' (one machine) or 'redis' (a fleet)")
+        if self.state_backend == "redis":
+            from .service.state import check_redis_settings
+
+            check_redis_settings(self)
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range", "use a port between 1 and 65535")
         self._validate_serving(env)
@@ -280,6 +305,18 @@ class Settings:
                 continue
             copy = Path(creds) / TLS_CREDENTIALS[name] if creds else None
             files[name] = copy if copy is not None and copy.is_file() else path
+        return files
+
+    def resolved_redis_files(self, env: typing.Mapping[str, str] | None = None) -> dict[str, Path]:
+        """The Redis password file and CA as this process reads them: the systemd credential copy where there is one."""
+        env = os.environ if env is None else env
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        files = {}
+        for name, cred in REDIS_CREDENTIALS.items():
+            path = getattr(self, name)
+            if path is not None:
+                copy = Path(creds) / cred if creds else None
+                files[name] = copy if copy is not None and copy.is_file() else path
         return files
 
     def resolved_threads(self) -> int:
@@ -330,6 +367,10 @@ class Settings:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((f.name, repr(default), f.metadata.get("help", "")))
         return rows
+
+
+# Redis secret/CA settings and their systemd credentials (issue 12): copied 0600 by the installer like the TLS files.
+REDIS_CREDENTIALS = {"redis_password_file": "redis-password", "redis_tls_ca": "redis-ca"}
 
 
 # TLS settings and the name of the systemd credential (LoadCredential=) that carries each file to the service.

@@ -23,18 +23,21 @@ NODE_ENV = {"BANKLLM_THREADS": "1", "BANKLLM_N_SEQ_MAX": "4", "BANKLLM_SEQ_CTX":
             "BANKLLM_RATE_LIMIT_PER_MINUTE": "0", "BANKLLM_UNSAFE_SERVE_AS_ROOT": "1"}
 
 
-def start_node(state_dir: Path, name: str, port: int, keys_file: Path, model: Path | None = None) -> int:
-    """Start `bankllm serve` for node `name` on `port` (not waiting for it); record how, for a restart. Its PID."""
+def start_node(state_dir: Path, name: str, port: int, keys_file: Path, model: Path | None = None,
+               extra_env: dict[str, str] | None = None) -> int:
+    """Start `bankllm serve` for node `name` on `port` (not waiting for it); record how, for a restart. Its PID.
+    `extra_env`: more BANKLLM_* settings (e.g. the shared state in Redis), kept for restarts."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    extra_env = extra_env if extra_env is not None else _state(state_dir, name).get("extra_env", {})
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANKLLM_")}
     env.update(NODE_ENV, BANKLLM_PORT=str(port), BANKLLM_KEYS_FILE=str(keys_file),
-               BANKLLM_AUDIT_LOG=str(state_dir / f"{name}.audit.jsonl"))
+               BANKLLM_AUDIT_LOG=str(state_dir / f"{name}.audit.jsonl"), **extra_env)
     cmd = [sys.executable, "-m", "appliance", "serve", "--model", str(model or default_gguf())]
     with open(state_dir / f"{name}.log", "ab") as log:
         # Its own session: a restart started by the upgrade outlives that short-lived command.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
     state = {"pid": proc.pid, "port": port, "keys_file": str(keys_file), "model": str(model or default_gguf()),
-             "starts": _state(state_dir, name).get("starts", 0) + 1}
+             "starts": _state(state_dir, name).get("starts", 0) + 1, "extra_env": extra_env}
     (state_dir / f"{name}.json").write_text(json.dumps(state))
     return proc.pid
 

@@ -607,3 +607,105 @@ def test_dropin_runs_haproxy_under_real_systemd(tmp_path):
     finally:
         sysd.kill()
         shutil.rmtree(sysd.workdir.parent, ignore_errors=True)
+
+
+# --- shared state: two nodes on one Redis behind HAProxy (issue 12) ---------------------------------------------
+@pytest.fixture(scope="module")
+def redis_fleet(tmp_path_factory):
+    """Two real nodes with state_backend = "redis" on one real redis-server, behind a real HAProxy whose checks
+    send a health-scope key; keys with their own rate of 10/min made before the nodes start."""
+    from appliance.service.keys import create_key as make_key
+    from tests._redis_util import RedisServer
+
+    tmp = tmp_path_factory.mktemp("redis-fleet")
+    redis = RedisServer(tmp / "redis").start()
+    f = Fleet(tmp)
+    f.redis = redis
+    f.rated = {name: make_key(f.keys_file, name, rate=10)[1] for name in ("rated-direct", "rated-lb")}
+    f.wide = make_key(f.keys_file, "wide", rate=10000)[1]  # rate limited (so checked in Redis), never reached
+    f.other = make_key(f.keys_file, "other")[1]
+    (tmp / "health").mkdir()
+    health_file = key_file(tmp / "health", make_key(f.keys_file, "haproxy", scopes=["health"])[1])
+    env = {"BANKLLM_STATE_BACKEND": "redis", "BANKLLM_REDIS_URL": redis.url, "BANKLLM_REDIS_KEY_PREFIX": "fleet:"}
+    try:
+        for name, port in f.ports.items():
+            start_node(f.state, name, port, f.keys_file, extra_env=env)
+        out = tmp / "lb"
+        hap.render(parse_nodes(f.specs), out, health_key_file=health_file, socket=f.socket, bind=f.url[7:])
+        for name in f.ports:
+            f.wait_ready(name)
+        f.proxy = start_haproxy(out / hap.CFG, out / hap.KEY_ENV_FILE, tmp / "haproxy.log")
+        deadline = time.monotonic() + 20
+        while not f.socket.exists():
+            assert f.proxy.poll() is None and time.monotonic() < deadline, (tmp / "haproxy.log").read_text()
+            time.sleep(0.05)
+        _wait_up(f.api, f.ports)
+        yield f
+    finally:
+        if f.proxy:
+            f.proxy.terminate()
+            f.proxy.wait(timeout=10)
+        for name in f.ports:
+            if (f.state / f"{name}.json").exists():
+                stop_node(f.state, name)
+        redis.stop()
+
+
+def test_a_conversation_continues_on_another_node(redis_fleet):
+    import redis as redis_client
+
+    f = redis_fleet
+    with f.http(f.node_url("node1")) as one, f.http(f.node_url("node2")) as two, f.http() as lb:
+        first = one.post("/api/v1/chat", json={"message": "I lost my card"})
+        assert first.status_code == 200, first.text
+        conv = first.json()["conversation_id"]
+        second = two.post("/api/v1/chat", json={"message": "What should I do now?", "conversation_id": conv})
+        assert second.status_code == 200, second.text  # node2 knows node1's conversation
+        assert second.json()["conversation_id"] == conv
+        third = lb.post("/api/v1/chat", json={"message": "Thanks", "conversation_id": conv})
+        assert third.status_code == 200 and third.json()["conversation_id"] == conv, third.text
+    for base in (f.node_url("node1"), f.node_url("node2")):  # another key cannot continue it on either node
+        r = httpx.post(base + "/api/v1/chat", json={"message": "hi", "conversation_id": conv},
+                       headers={"Authorization": f"Bearer {f.other}"}, timeout=60)
+        assert r.status_code == 404, r.text
+    turns = redis_client.Redis.from_url(f.redis.url).lrange(f"fleet:turns:{conv}", 0, -1)
+    assert [json.loads(t)[0] for t in turns] == ["I lost my card", "What should I do now?", "Thanks"]
+
+
+def test_a_keys_rate_holds_for_the_fleet_as_a_whole(redis_fleet):
+    f = redis_fleet
+    headers = {"Authorization": f"Bearer {f.rated['rated-direct']}"}
+    codes = [httpx.get(f.node_url(n) + "/v1/models", headers=headers, timeout=10).status_code
+             for n in ["node1", "node2"] * 10]
+    assert codes.count(200) == 10 and codes.count(429) == 10, codes  # 2 nodes grant 10, not 20
+    with f.http() as lb:
+        codes = [lb.get("/v1/models", headers={"Authorization": f"Bearer {f.rated['rated-lb']}"}).status_code
+                 for _ in range(20)]
+    assert codes.count(200) == 10 and codes.count(429) == 10, codes
+    # HAProxy's health checks (a health-scope key, every few seconds) spent no rate: every node is still UP.
+    assert all(f.api.server(n)["status"] == "UP" for n in f.ports)
+
+
+def test_a_redis_outage_is_a_quick_503_on_every_node_and_the_fleet_recovers(redis_fleet):
+    f = redis_fleet
+    wide = {"Authorization": f"Bearer {f.wide}"}
+    f.redis.stop()
+    try:
+        with f.http(timeout=30) as lb:
+            for base in (f.node_url("node1"), f.node_url("node2"), f.url):
+                for path, body in (("/api/v1/classify", {"text": "card lost"}), ("/api/v1/chat", {"message": "hi"})):
+                    start = time.monotonic()
+                    r = lb.post(base + path, json=body, headers=wide)
+                    assert r.status_code == 503 and time.monotonic() - start < 10, (base, r.status_code, r.text)
+                    assert "shared state store (Redis at redis://127.0.0.1" in r.json()["error"]["message"]
+            # A key without a rate limit needs no Redis to classify; its conversations do.
+            assert lb.post("/api/v1/classify", json={"text": "card lost"}).status_code == 200
+            assert lb.post("/api/v1/chat", json={"message": "I lost my card"}).status_code == 503
+            # The nodes stay in the pool (their checks need no Redis): no flapping, no restart.
+            assert all(f.api.server(n)["status"] == "UP" for n in f.ports)
+    finally:
+        f.redis.start()
+    with f.http() as lb:  # the same node processes, reconnected by themselves
+        for base in (f.node_url("node1"), f.node_url("node2"), f.url):
+            assert lb.post(base + "/api/v1/classify", json={"text": "card lost"}, headers=wide).status_code == 200
+            assert lb.post(base + "/api/v1/chat", json={"message": "I lost my card"}).status_code == 200

@@ -11,7 +11,7 @@ from litestar.testing import TestClient
 
 from appliance.errors import ConfigError, InputError
 from appliance.service.app import create_app
-from appliance.service.auth import ANY_KEY, OPEN
+from appliance.service.auth import ANY_KEY, HEALTH, OPEN
 from appliance.service.conversations import Conversations
 from appliance.service.engine.fake import FakeEngine
 from appliance.service.keys import DEFAULT_SCOPES, SCOPES, KeyStore, create_key, load_records, revoke_key
@@ -51,7 +51,7 @@ def test_every_route_declares_its_scope(tmp_path):
         for handler in getattr(route, "route_handlers", []):
             if "scope" in handler.opt:
                 declared[route.path] = handler.opt["scope"]
-    assert declared == {"/health": OPEN, "/ready": ANY_KEY, "/metrics": ANY_KEY, "/api/v1/chat": "chat",
+    assert declared == {"/health": OPEN, "/ready": HEALTH, "/metrics": HEALTH, "/api/v1/chat": "chat",
                         "/api/v1/classify": "classify", "/v1/chat/completions": "openai", "/v1/completions": "openai",
                         "/v1/models": "openai", "/v1/models/{model_id:str}": "openai", "/admin/reload": "admin",
                         "/admin/adapters": "admin", "/admin/adapters/{name:str}": "admin"}
@@ -81,7 +81,8 @@ def test_scopes_are_enforced_on_every_route(tmp_path):
         for scope, key in keys.items():
             assert call(c, key, "GET", "/ready").status_code == 200, scope
             assert call(c, key, "GET", "/metrics").status_code == 200, scope
-            assert call(c, key, "GET", "/schema/openapi.json").status_code == 200, scope
+            # ...but a health-only key (a balancer's checks) reaches /ready and /metrics and nothing else.
+            assert call(c, key, "GET", "/schema/openapi.json").status_code == (403 if scope == "health" else 200), scope
         assert call(c, None, "GET", "/ready").status_code == 401
         assert call(c, None, "GET", "/metrics").status_code == 401
         assert call(c, None, "GET", "/health").status_code == 200
@@ -184,7 +185,7 @@ def test_one_key_cannot_evict_another_keys_conversations(tmp_path):
         r = call(c, a, "POST", "/api/v1/chat", {"message": "again", "conversation_id": first_a})
         assert r.status_code == 404  # a's flood evicted a's own oldest
         svc = c.app.state["service"]
-        assert svc.conversations.count(svc.keys.verify(a).id) == 3
+        assert svc.conversations.inner.count(svc.keys.verify(a).id) == 3
 
 
 def test_the_global_cap_evicts_from_the_largest_owner():
@@ -213,6 +214,6 @@ def test_a_refused_chat_request_leaves_no_conversation(tmp_path):
         assert r.status_code == 404
         r = call(c, key, "POST", "/api/v1/chat", {"message": ""})
         assert r.status_code == 400
-        assert len(svc.conversations) == 0
+        assert len(svc.conversations.inner) == 0
         assert call(c, key, *CALLS["chat"]).status_code == 200
-        assert len(svc.conversations) == 1
+        assert len(svc.conversations.inner) == 1

@@ -17,7 +17,9 @@ def fleet():
 @fleet.command()
 @click.option("--node", "nodes", multiple=True, required=True, help=NODE_HELP)
 @click.option("--health-key-file", type=PATH, required=True,
-              help="File holding the API key HAProxy's checks of /ready send (kept out of haproxy.cfg, see it).")
+              help="File holding the API key HAProxy's checks of /ready send (kept out of haproxy.cfg, see it): "
+              "make it with `bankllm keys create --name haproxy --scope health` (reaches only /ready and /metrics, "
+              "and its checks spend no rate limit).")
 @click.option("--out", type=PATH, required=True, help="Directory for haproxy.cfg, health-key.env and the drop-in.")
 @click.option("--bind", default="*:8080", show_default=True, help="ADDR:PORT the fleet answers on.")
 @click.option("--tls-cert", type=PATH, help="The front's certificate (chain), PEM: HAProxy then answers HTTPS.")
@@ -32,7 +34,10 @@ def fleet():
 @click.option("--force", is_flag=True, help="Replace a non-empty --out (the whole directory: files rendered there before are removed).")
 def render(nodes, out, **options):
     """Write an haproxy.cfg (leastconn, /ready checks, safe retries, SSE unbuffered, per-node /metrics) and a
-    systemd drop-in for haproxy.service; checked with `haproxy -c` when HAProxy is installed here."""
+    systemd drop-in for haproxy.service; checked with `haproxy -c` when HAProxy is installed here.
+
+    The health key: `bankllm keys create --name haproxy --scope health` on every node (same keys file), its key in
+    --health-key-file. A health key reaches only /ready and /metrics and its checks are not rate limited."""
     from ..fleet.haproxy import render as render_fleet
     from ..fleet.nodes import parse_nodes
 

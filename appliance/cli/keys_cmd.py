@@ -10,7 +10,8 @@ from ..settings import Settings
 from .options import config_option, keys_file_option
 
 SCOPE_HELP = ("Route family the key may call: classify (/api/v1/classify), chat (/api/v1/chat), openai (/v1/*), "
-              "admin (/admin/*: reload). Repeatable. Default: classify, chat and openai (never admin).")
+              "admin (/admin/*: reload), health (only /ready and /metrics, not rate limited: a load balancer's "
+              "checks). Repeatable. Default: classify, chat and openai (never admin).")
 
 
 def _settings(keys_file: Path | None, config: Path | None) -> Settings:
@@ -36,7 +37,7 @@ def keys():
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who or what the key is for (unique among active keys).")
-@click.option("--scope", "scopes", multiple=True, type=click.Choice(["classify", "chat", "openai", "admin"]),
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(["classify", "chat", "openai", "admin", "health"]),
               help=SCOPE_HELP)
 @click.option("--rate", type=click.IntRange(min=0), help="This key's own limit in requests per minute (0 = none; "
               "default: the service's rate_limit_per_minute).")

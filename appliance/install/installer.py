@@ -16,7 +16,7 @@ from .. import signing
 from ..errors import InstallError
 from ..fsutil import require_free_disk
 from ..service.privileges import SERVICE_USER, ensure_service_user
-from ..settings import TLS_CREDENTIALS, Settings, read_toml
+from ..settings import REDIS_CREDENTIALS, TLS_CREDENTIALS, Settings, read_toml
 from . import steps, store
 from . import systemd as sd
 from .bundle import bundle_limits, open_bundle
@@ -142,7 +142,7 @@ def settings_for_install(layout: Layout, config: Path | None = None, **overrides
         if layout.root != Path("/"):
             # A staged config names the target system's paths: read its TLS copies where they are staged now.
             data = read_toml(cfg)
-            for name in TLS_CREDENTIALS:
+            for name in (*TLS_CREDENTIALS, *REDIS_CREDENTIALS):
                 if isinstance(data.get(name), str) and overrides.get(name) is None:
                     overrides[name] = layout.host(Path(data[name]))
     return Settings.load(config=config, **overrides)

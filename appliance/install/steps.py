@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import ConfigError, InstallError
 from ..fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..service import keys
-from ..settings import TLS_CREDENTIALS, Settings, check_keys, read_toml, render_toml
+from ..settings import REDIS_CREDENTIALS, TLS_CREDENTIALS, Settings, check_keys, read_toml, render_toml
 from . import store
 from . import systemd as sd
 from .health import pin_of, read_first_key, unit_active, unit_last_error, wait_ready
@@ -22,9 +22,10 @@ from .venv import ensure_venv, switch_link
 
 # Keys of bankllm.toml the installer owns; every other setting an operator adds is kept as it is.
 OWNED = ("host", "port", "model", "model_name", "allowed_networks",
-         "tls_cert", "tls_key", "tls_client_ca", "require_client_cert")
+         "tls_cert", "tls_key", "tls_client_ca", "require_client_cert", "redis_password_file", "redis_tls_ca")
 CONFIG_HEADER = ("bankllm settings (`bankllm settings --config FILE` shows every key, its value and its source).",
-                 "`bankllm install` rewrites host, port, model, model_name, allowed_networks and the tls_* keys; "
+                 "`bankllm install` rewrites host, port, model, model_name, allowed_networks, the tls_* keys and "
+                 "the Redis password and CA files (pointed at their 0600 copies); "
                  "other settings stay (a key that is not a setting is refused).")
 
 
@@ -88,15 +89,16 @@ def write_config(settings: Settings, layout: Layout, changed: list[str], trust_k
     values = {"host": settings.host, "port": settings.port, "model": str(layout.current),
               "model_name": settings.model_name, "allowed_networks": list(settings.allowed_networks),
               "tls_cert": settings.tls_cert, "tls_key": settings.tls_key, "tls_client_ca": settings.tls_client_ca,
-              "require_client_cert": settings.require_client_cert or None, **kept}
+              "require_client_cert": settings.require_client_cert or None,
+              "redis_password_file": settings.redis_password_file, "redis_tls_ca": settings.redis_tls_ca, **kept}
     if trust_key is not None:
         values["trust_key"] = str(trust_key)
     write_if_changed(path, render_config(values), 0o644, changed, "config")
 
 
 def tls_credentials(layout: Layout) -> dict[str, Path]:
-    """The installed copies of the TLS files (credential name -> target path) that exist now."""
-    return {cred: layout.credentials_dir / cred for cred in TLS_CREDENTIALS.values()
+    """The installed copies of the TLS (and Redis) files (credential name -> target path) that exist now."""
+    return {cred: layout.credentials_dir / cred for cred in (*TLS_CREDENTIALS.values(), *REDIS_CREDENTIALS.values())
             if layout.host(layout.credentials_dir / cred).is_file()}
 
 
@@ -107,7 +109,7 @@ def install_tls(settings: Settings, layout: Layout, changed: list[str]) -> Setti
     creds.mkdir(parents=True, exist_ok=True)
     os.chmod(creds, 0o700)
     copies = {}
-    for name, cred in TLS_CREDENTIALS.items():
+    for name, cred in {**TLS_CREDENTIALS, **REDIS_CREDENTIALS}.items():  # the Redis password and CA too (issue 12)
         source, dest = getattr(settings, name), creds / cred
         if source is None:
             if dest.exists():

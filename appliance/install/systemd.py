@@ -22,6 +22,8 @@ _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 _SYSTEM_ONLY = "@SYSTEM@"
 # Mark the TLS credential lines: kept only when TLS is on (@TLS@) and when a client CA is set (@TLS_CA@).
 _TLS_ONLY, _TLS_CA_ONLY = "@TLS@", "@TLS_CA@"
+# ... and the Redis credential lines (shared state, issue 12): only when that file is set.
+_REDIS_PW_ONLY, _REDIS_CA_ONLY = "@WITH_REDIS_PASSWORD@", "@WITH_REDIS_CA@"
 
 
 def template_text() -> str:
@@ -46,7 +48,8 @@ def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_ne
                 user: bool = False, tls_files: dict[str, Path] | None = None) -> str:
     """The unit text for these paths and settings (for a user manager with `user`); fails on any placeholder left unfilled.
 
-    `tls_files` maps the TLS credentials (tls-cert, tls-key, tls-client-ca) to the files systemd hands over.
+    `tls_files` maps the TLS credentials (tls-cert, tls-key, tls-client-ca) and the Redis ones (redis-password,
+    redis-ca) to the files systemd hands over.
     """
     tls_files = tls_files or {}
     if port < 1024:
@@ -75,7 +78,8 @@ def render_unit(*, exec_start: list[str], keys_file: Path, port: int, allowed_ne
                                "reinstall bankllm; the shipped template does not match this version")
         return values[name]
 
-    keep = {_SYSTEM_ONLY: not user, _TLS_ONLY: "tls-cert" in tls_files, _TLS_CA_ONLY: "tls-client-ca" in tls_files}
+    keep = {_SYSTEM_ONLY: not user, _TLS_ONLY: "tls-cert" in tls_files, _TLS_CA_ONLY: "tls-client-ca" in tls_files,
+            _REDIS_PW_ONLY: "redis-password" in tls_files, _REDIS_CA_ONLY: "redis-ca" in tls_files}
     lines = []
     for line in template_text().splitlines(keepends=True):
         marker = next((m for m in keep if line.startswith(m)), None)

@@ -1,8 +1,10 @@
 """One ASGI middleware for every route: API key check, the key's scope, its rate limit, metrics and the audit record.
 
 Every route handler declares the scope it needs in its `opt` (routes/__init__.py: `scoped`): one of the key scopes
-(classify, chat, openai, admin), ANY_KEY (any valid key: /ready, /metrics, the OpenAPI schema) or OPEN (no key:
-/health). A handler that declares nothing needs the admin scope, so a route added without a scope fails closed.
+(classify, chat, openai, admin), HEALTH (any valid key: /ready, /metrics), ANY_KEY (any valid key but a health-only
+one: the OpenAPI schema) or OPEN (no key: /health). A handler that declares nothing needs the admin scope, so a route
+added without a scope fails closed. A key with the health scope (a balancer's checks) is not rate limited on the
+HEALTH routes, the only ones a health-only key reaches.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .records import RequestRecord
 
 OPEN = "open"
 ANY_KEY = "any"
+HEALTH = "health"  # the key scope of a balancer's checks, and the routes they reach
 SCHEMA_PREFIX = "/schema"  # Litestar's own OpenAPI handlers (no opt of ours): readable with any valid key
 
 
@@ -48,7 +51,7 @@ async def send_error(send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def check(svc, scope) -> tuple[str | None, APIError | None]:
+async def check(svc, scope) -> tuple[str | None, APIError | None]:
     """(key id, None) when the request may go ahead, else (key id or None, the error to answer)."""
     need = required_scope(scope)
     # Admin routes need an admin key even when require_keys is off (a loopback test setup): fail closed.
@@ -60,12 +63,20 @@ def check(svc, scope) -> tuple[str | None, APIError | None]:
         why = "is missing" if not key else "is not valid (wrong or revoked)"
         return None, AuthError(f"the API key {why}; send `Authorization: Bearer <key>` with a key from "
                                "`bankllm keys create`")
-    if need != ANY_KEY and need not in record.effective_scopes:
+    scopes = record.effective_scopes
+    if need == ANY_KEY and set(scopes) == {HEALTH}:
+        need = "classify, chat or openai"  # a health-only key reaches the HEALTH routes and nothing else
+    if need not in (ANY_KEY, HEALTH) and need not in scopes:
         return record.id, ForbiddenError(
             f"this API key (id {record.id}) lacks the {need!r} scope that {scope['path']} needs (it has: "
-            f"{', '.join(record.effective_scopes)}); use a key created with `bankllm keys create --scope {need}`",
+            f"{', '.join(scopes)}); use a key created with `bankllm keys create --scope {need.split(',')[0]}`",
             code="insufficient_scope")
-    wait = svc.limiter.check(record.id, record.rate)
+    if need == HEALTH and HEALTH in scopes:
+        return record.id, None  # balancer checks every few seconds must not spend the key's rate
+    try:
+        wait = await svc.limiter.check(record.id, record.rate)
+    except APIError as err:  # the shared state store is down (503), never a 500
+        return record.id, err
     if wait > 0:
         return record.id, RateLimitError(
             f"rate limit of {svc.limiter.limit_of(record.rate)} requests per minute for this key reached; "
@@ -99,7 +110,7 @@ class SecurityMiddleware:
             await send(message)
 
         try:
-            key_id, refusal = check(svc, scope)
+            key_id, refusal = await check(svc, scope)
             if refusal is not None:
                 await send_error(send_wrapper, refusal)
                 return

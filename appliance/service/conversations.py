@@ -1,4 +1,6 @@
-"""Server-side history of the banking chat endpoint: bounded turns, idle expiry, scoped to the API key.
+"""Server-side history of the banking chat endpoint: bounded turns, idle expiry, scoped to the API key. This is the
+in-process store (state_backend = "memory"); state.py puts it behind the interface the routes use, next to the Redis
+store a fleet shares, which keeps the same rules.
 
 Each key has its own budget of conversations: a key that opens many evicts its own least recently used ones, never
 another key's. The global cap (memory) evicts from the key that holds the most conversations, so a key within its

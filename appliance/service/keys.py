@@ -30,7 +30,8 @@ KEY_RE = re.compile(r"^bk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
 # Route families a key may be limited to; every route declares one (routes/__init__.py), admin is never implied.
-SCOPES = ("classify", "chat", "openai", "admin")
+# health: a balancer's checks, only /ready and /metrics, never rate limited (issue 12).
+SCOPES = ("classify", "chat", "openai", "admin", "health")
 DEFAULT_SCOPES = ("classify", "chat", "openai")
 
 

@@ -1,4 +1,5 @@
-"""Per-key rate limiting: a token bucket per key id, refilled continuously; a key may carry its own rate."""
+"""Per-key rate limiting: a token bucket per key id, refilled continuously; a key may carry its own rate. In this
+process; state.py has the same bucket in Redis for a fleet."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, InstallError
 from ..fsutil import write_bytes_atomic
-from ..settings import TLS_CREDENTIALS, Settings, under_systemd
+from ..settings import REDIS_CREDENTIALS, TLS_CREDENTIALS, Settings, under_systemd
 
 SERVICE_USER = "bankllm"
 RUNTIME_DIR = Path("/run/bankllm")  # what the unit's RuntimeDirectory= makes
@@ -104,6 +104,7 @@ def serve_as(user_name: str, settings: Settings, flags: list[str],
     if user.pw_uid == 0:
         raise ConfigError(f"user {user_name!r} is root", "name an unprivileged user")
     files = {TLS_CREDENTIALS[name]: path for name, path in settings.resolved_tls_files(env).items()}
+    files.update({REDIS_CREDENTIALS[name]: path for name, path in settings.resolved_redis_files(env).items()})
     keys_file = settings.resolved_keys_file(env)
     if keys_file.is_file():
         files[KEYS_CREDENTIAL] = keys_file

@@ -15,15 +15,14 @@ from ..fsutil import sha256_file
 from ..settings import Settings
 from .assistant import OUT_OF_SCOPE
 from .audit import AuditLog, build_id_of
-from .conversations import Conversations
 from .errors import APIError, NotFoundError
 from .keys import KeyStore
-from .limits import RateLimiter
 from .adapters import AdapterStore, ServedModel, adapter_model, build_adapters, check_adapter, manifest_sha256
 from .metrics import Metrics
 from .model import resolve_model
 from .labeling import Labeler
 from .prompting import ChatTemplate
+from .state import open_state
 from .waiting import ClientGone, wait_result
 
 log = logging.getLogger("bankllm.service")
@@ -115,11 +114,10 @@ class Service:
             raise ConfigError(f"no API keys in {self.keys.path}",
                               "create one with `bankllm keys create --name NAME` (or set require_keys = false "
                               "for a loopback-only test)")
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.audit = AuditLog(settings.audit_log, settings.audit_include_text, build_id_of(self.files),
                               settings.audit_rotate_bytes)  # opened (and its chain resumed) by start()
-        self.conversations = Conversations(settings.conversation_turns, settings.conversation_ttl_s,
-                                           settings.conversation_max_total, settings.conversation_max_per_key)
+        # Conversations and rate limits: in this process, or in the Redis a fleet shares (state.py; PINGed here).
+        self.conversations, self.limiter = open_state(settings)
         self.reloads = 0  # explicit reloads (SIGHUP, POST /admin/reload); the run record carries the count
         answers = load_answers(settings, self.files)  # refused here, before the model loads, if incomplete
         calibration = load_calibration(self.files)

@@ -23,7 +23,7 @@ async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: Name
     # A conversation belongs to (key, model): one started on a model continues on it (issue 13).
     owner = record.key_id if model.adapter is None else f"{record.key_id}@{model.id}"
     if data.conversation_id:
-        conv = svc.conversations.get(data.conversation_id, owner)
+        conv = await svc.conversations.get(data.conversation_id, owner)
         if conv is None:
             raise NotFoundError(
                 f"conversation_id {data.conversation_id!r} is unknown or expired on model {model.id!r} (idle "
@@ -34,8 +34,8 @@ async def bank_chat(request: Request, data: JSONBody[BankChatRequest], svc: Name
     reply = await svc.assist(request, record, conv, data.message, model)
     if reply is None:
         return Response(b"", status_code=499)
-    svc.conversations.add_turn(conv, data.message, reply.response, reply.options,
-                               conv.pending_text or data.message if reply.options else "")
+    await svc.conversations.add_turn(conv, data.message, reply.response, reply.options,
+                                     conv.pending_text or data.message if reply.options else "")
     body = {"response": reply.response, "conversation_id": conv.id, "intent": reply.intent,
             "confidence": round(reply.confidence, 4), "handoff": reply.handoff, "source": reply.source}
     if reply.options:

@@ -1,4 +1,5 @@
-"""Operations routes: /health (no key), /ready and /metrics (any key); admin routes (admin scope): /admin/reload."""
+"""Operations routes: /health (no key), /ready and /metrics (any key, health keys included); admin routes (admin
+scope): /admin/reload."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.response import Response
 
-from ..auth import ANY_KEY, OPEN
+from ..auth import HEALTH, OPEN
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..schemas import AddAdapterRequest
@@ -58,5 +59,5 @@ async def admin_remove_adapter(name: FromPath[str], svc: NamedDependency[Service
     return {"status": "removed", **await svc.remove_adapter(name)}
 
 
-ROUTES = [*scoped(OPEN, health), *scoped(ANY_KEY, ready, metrics),
+ROUTES = [*scoped(OPEN, health), *scoped(HEALTH, ready, metrics),
           *scoped("admin", admin_reload, admin_adapters, admin_add_adapter, admin_remove_adapter)]
