@@ -146,10 +146,14 @@ class AdapterStore:
     def load(self) -> dict:
         import json
 
-        if not self.index_path.is_file():
-            return {"schema": INDEX_SCHEMA, "added": {}, "removed": []}
         try:
+            if not self.index_path.is_file():
+                return {"schema": INDEX_SCHEMA, "added": {}, "removed": []}
             data = json.loads(self.index_path.read_text())
+        except PermissionError:
+            raise InputError(f"the state directory {self.state_dir} is not this user's to read",
+                             "set state_dir to a directory the service's user owns (the unit's StateDirectory= "
+                             "does this)") from None
         except (OSError, ValueError) as exc:
             raise InputError(f"{self.index_path} cannot be read ({exc})",
                              "restore it or delete it (the service then serves the build's adapters only)") from None

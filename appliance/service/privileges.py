@@ -23,6 +23,7 @@ from ..settings import REDIS_CREDENTIALS, TLS_CREDENTIALS, Settings, under_syste
 SERVICE_USER = "bankllm"
 RUNTIME_DIR = Path("/run/bankllm")  # what the unit's RuntimeDirectory= makes
 RUN_RECORDS_DIR = RUNTIME_DIR / "run"  # where a dropped `serve` writes its run record (service/reload.py)
+STATE_DIR = Path("/var/lib/bankllm-state")  # what the unit's StateDirectory= makes: adapters added at run time
 LOGS_DIR = Path("/var/log/bankllm")  # what the unit's LogsDirectory= makes (for `audit_log` there)
 KEYS_CREDENTIAL = "api-keys"
 
@@ -125,6 +126,9 @@ def serve_as(user_name: str, settings: Settings, flags: list[str],
         # over the copy it reads and send SIGHUP: the process itself cannot read the original any more.
         child_env["BANKLLM_KEYS_SOURCE"] = str(keys_file)
     _owned_dir(RUN_RECORDS_DIR, user.pw_uid, user.pw_gid)
+    if settings.state_dir is None:  # root's <data_dir>/state is not the dropped user's to read or write
+        _owned_dir(STATE_DIR, user.pw_uid, user.pw_gid)
+        child_env["BANKLLM_STATE_DIR"] = str(STATE_DIR)
     os.chdir(RUNTIME_DIR)
     sys.stdout.flush()
     sys.stderr.flush()
