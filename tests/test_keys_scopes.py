@@ -11,7 +11,7 @@ from litestar.testing import TestClient
 
 from appliance.errors import ConfigError, InputError
 from appliance.service.app import create_app
-from appliance.service.auth import ANY_KEY, HEALTH, OPEN
+from appliance.service.auth import HEALTH, OPEN
 from appliance.service.conversations import Conversations
 from appliance.service.engine.fake import FakeEngine
 from appliance.service.keys import DEFAULT_SCOPES, SCOPES, KeyStore, create_key, load_records, revoke_key

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from ..artifacts import (ADAPTER_PREFIX, ADAPTER_SUFFIXES, adapter_file, check_adapter_name, read_adapter_report,
+from ..artifacts import (ADAPTER_SUFFIXES, adapter_file, check_adapter_name, read_adapter_report,
                          read_labels, read_task)
 from ..errors import InputError
 from ..fsutil import sha256_file, write_json_atomic
