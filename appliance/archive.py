@@ -197,21 +197,26 @@ _TAR_ERRORS = (tarfile.TarError, EOFError, zipfile.BadZipFile, lzma.LZMAError, z
 
 
 def _scan_tar(archive: Path, fmt: str, label: str, limits: ArchiveLimits, fixes: tuple[str, str]) -> list[Member]:
-    members: list[Member] = []
-    total = 0
     try:
         with _open_tar(archive, fmt, label, limits, fixes[0]) as tar:
-            while (info := tar.next()) is not None:
-                member = _tar_member(info, label)
-                if member is None:
-                    continue
-                members.append(member)
-                total += member.size
-                _check_caps(len(members), total, label, limits, fixes)
+            return _collect(iter(tar.next, None), _tar_member, label, limits, fixes)
     except BankllmError:
         raise
     except _TAR_ERRORS as exc:
         raise _corrupt(label, exc) from None
+
+
+def _collect(infos, to_member, label: str, limits: ArchiveLimits, fixes: tuple[str, str]) -> list[Member]:
+    """Check each header as it is read (to_member refuses what is unsafe) and the caps after each one."""
+    members: list[Member] = []
+    total = 0
+    for info in infos:
+        member = to_member(info, label)
+        if member is None:
+            continue
+        members.append(member)
+        total += member.size
+        _check_caps(len(members), total, label, limits, fixes)
     return members
 
 
@@ -243,22 +248,13 @@ def _scan_zip(archive: Path, label: str, limits: ArchiveLimits, fixes: tuple[str
     if declared is not None and declared > limits.max_members:
         raise ArchiveTooLargeError(f"{label} declares {declared:,} members, over the cap of {limits.describe()}",
                                    fixes[1])
-    members: list[Member] = []
-    total = 0
     try:
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                member = _zip_member(info, label)
-                if member is None:
-                    continue
-                members.append(member)
-                total += member.size
-                _check_caps(len(members), total, label, limits, fixes)
+            return _collect(zf.infolist(), _zip_member, label, limits, fixes)
     except BankllmError:
         raise
     except _TAR_ERRORS as exc:
         raise _corrupt(label, exc) from None
-    return members
 
 
 def _zip_member(info: zipfile.ZipInfo, label: str) -> Member | None:

@@ -4,6 +4,7 @@ it is upgraded node by node."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -384,15 +385,14 @@ class Fleet:
         return RuntimeAPI(self.socket)
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fleet")
-    f = Fleet(tmp)
-    for name, port in f.ports.items():
-        start_node(f.state, name, port, f.keys_file)
-    out = tmp / "lb"
+@contextlib.contextmanager
+def fleet_up(f: "Fleet", tmp: Path, health_key_file: Path, extra_env: dict | None = None):
+    """Start f's nodes and a real HAProxy over them (checks with `health_key_file`); stop all of it at the end."""
     try:
-        hap.render(parse_nodes(f.specs), out, health_key_file=f.key_file, socket=f.socket, bind=f.url[7:])
+        for name, port in f.ports.items():
+            start_node(f.state, name, port, f.keys_file, extra_env=extra_env)
+        out = tmp / "lb"
+        hap.render(parse_nodes(f.specs), out, health_key_file=health_key_file, socket=f.socket, bind=f.url[7:])
         for name in f.ports:
             f.wait_ready(name)
         f.proxy = start_haproxy(out / hap.CFG, out / hap.KEY_ENV_FILE, tmp / "haproxy.log")
@@ -409,6 +409,14 @@ def fleet(tmp_path_factory):
         for name in f.ports:
             if (f.state / f"{name}.json").exists():
                 stop_node(f.state, name)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fleet")
+    f = Fleet(tmp)
+    with fleet_up(f, tmp, f.key_file):
+        yield f
 
 
 class ClientLoop:
@@ -628,26 +636,9 @@ def redis_fleet(tmp_path_factory):
     health_file = key_file(tmp / "health", make_key(f.keys_file, "haproxy", scopes=["health"])[1])
     env = {"BANKLLM_STATE_BACKEND": "redis", "BANKLLM_REDIS_URL": redis.url, "BANKLLM_REDIS_KEY_PREFIX": "fleet:"}
     try:
-        for name, port in f.ports.items():
-            start_node(f.state, name, port, f.keys_file, extra_env=env)
-        out = tmp / "lb"
-        hap.render(parse_nodes(f.specs), out, health_key_file=health_file, socket=f.socket, bind=f.url[7:])
-        for name in f.ports:
-            f.wait_ready(name)
-        f.proxy = start_haproxy(out / hap.CFG, out / hap.KEY_ENV_FILE, tmp / "haproxy.log")
-        deadline = time.monotonic() + 20
-        while not f.socket.exists():
-            assert f.proxy.poll() is None and time.monotonic() < deadline, (tmp / "haproxy.log").read_text()
-            time.sleep(0.05)
-        _wait_up(f.api, f.ports)
-        yield f
+        with fleet_up(f, tmp, health_file, extra_env=env):
+            yield f
     finally:
-        if f.proxy:
-            f.proxy.terminate()
-            f.proxy.wait(timeout=10)
-        for name in f.ports:
-            if (f.state / f"{name}.json").exists():
-                stop_node(f.state, name)
         redis.stop()
 
 

@@ -108,20 +108,11 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
     build_id = digest[:12]
     out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
     remove_stale_temps(out_dir.parent)
-    if BuildDir(out_dir).report_file.is_file():
-        try:
-            existing = read_report(out_dir)
-        except InputError:
-            existing = None
-        if existing and existing["inputs_digest"] == digest and BuildDir(out_dir).model.is_file():
-            progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
-            return BuildResult(out_dir, build_id, existing, reused=True)
+    if (existing := _up_to_date(out_dir, digest)) is not None:
+        progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
+        return BuildResult(out_dir, build_id, existing, reused=True)
 
-    work = Path(settings.data_dir) / "work" / build_id
-    work.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(work)
-    base_bytes = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
-    require_free_disk(work, int(base_bytes * settings.min_free_disk_factor), "the build's intermediate files")
+    work = _work_dir(settings, build_id, base_dir)
     steps: list[dict] = []
     threads = settings.resolved_threads()
 
@@ -256,11 +247,7 @@ def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], 
         progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
         return BuildResult(out_dir, build_id, existing, reused=True)
 
-    work = Path(settings.data_dir) / "work" / build_id
-    work.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(work)
-    base_bytes = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
-    require_free_disk(work, int(base_bytes * settings.min_free_disk_factor), "the build's intermediate files")
+    work = _work_dir(settings, build_id, base_dir)
     steps: list[dict] = []
 
     # 2. The plain base: convert, quantize and gate against its own f16, as a single build does.
@@ -401,6 +388,16 @@ def _gguf_chat_template(model: Path) -> str:
     if field is None:
         raise InputError(f"{model} carries no chat template", "rebuild the base build with --chat-template")
     return bytes(field.parts[-1]).decode()
+
+
+def _work_dir(settings: Settings, build_id: str, base_dir: Path) -> Path:
+    """<data dir>/work/<build id>, stale temps removed, with room for the build's intermediate files."""
+    work = Path(settings.data_dir) / "work" / build_id
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(work)
+    base_bytes = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
+    require_free_disk(work, int(base_bytes * settings.min_free_disk_factor), "the build's intermediate files")
+    return work
 
 
 def _up_to_date(out_dir: Path, digest: str) -> dict | None:
