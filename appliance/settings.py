@@ -89,6 +89,10 @@ class Settings:
     n_seq_max: int = field(default=8, metadata=_doc("Most sequences decoded together (continuous batching slots); each has its own KV stream of seq_ctx tokens."))
     seq_ctx: int = field(default=2048, metadata=_doc("Most tokens (prompt + completion) of one sequence."))
     queue_max: int = field(default=64, metadata=_doc("Requests allowed to wait for a slot; more get 503."))
+    decode_lanes: int = field(default=2, metadata=_doc(
+        "llama.cpp contexts that decode different adapters' requests at the same time, each on its share of the "
+        "threads (1: adapters take turns in one context). A second lane is made only once two adapters (or an "
+        "adapter and the base) run at once, and costs a KV cache of n_seq_max x seq_ctx tokens."))
     gpu_layers: int = field(default=0, metadata=_doc(
         "Model layers libllama offloads to a GPU (0: CPU only; -1: all). Needs llama-cpp-python built with a GPU "
         "backend (`bankllm doctor` says whether it is)."))
@@ -238,6 +242,8 @@ class Settings:
                               "set gate_ship_below, gate_warn_below, gate_escalate_below in increasing order")
         if self.gate_n_ctx < 16:
             raise ConfigError(f"gate_n_ctx={self.gate_n_ctx} is too small", "use at least 16 (512 is the default)")
+        if self.decode_lanes not in (1, 2):
+            raise ConfigError(f"decode_lanes={self.decode_lanes} is not 1 or 2", "set decode_lanes to 1 or 2")
         if self.gpu_layers < -1:
             raise ConfigError(f"gpu_layers={self.gpu_layers} is not a layer count", "use 0 (CPU), N layers, or -1 (all)")
         if self.chat_mode not in ("approved", "generative"):

@@ -114,14 +114,23 @@ def test_engine_serves_base_and_adapter_side_by_side(f16_pair, lora_file):
         want_merged = _answers(merged, [(p, None) for p in PROMPTS])
     finally:
         merged.close()
-    engine = Engine(f16_pair["base"], n_seq_max=8, seq_ctx=256, threads=1, adapters={"cards": lora_file})
+    # Two threads: the two adapter groups get a lane (context) each and decode at the same time, a thread each.
+    engine = Engine(f16_pair["base"], n_seq_max=8, seq_ctx=256, threads=2, adapters={"cards": lora_file})
     try:
         assert engine.adapters == ["cards"]
         want_base = _answers(engine, [(p, None) for p in PROMPTS])
         alone = _answers(engine, [(p, "cards") for p in PROMPTS])
+        assert len(engine.lanes) == 1  # one group at a time needs no second lane
         # Mixed in the same steps, each answer is what it is alone (same prompt-prefix owner, other adapter).
         mixed = _answers(engine, [(p, a) for p in PROMPTS for a in (None, "cards")])
+        assert len(engine.lanes) == 2
         assert mixed[0::2] == want_base and mixed[1::2] == alone
+        # Three groups over two lanes: two of them take turns in one lane, still each answer as alone.
+        engine.add_adapter("cards2", lora_file)
+        three = _answers(engine, [(p, a) for p in PROMPTS for a in (None, "cards", "cards2")])
+        assert three[0::3] == want_base and three[1::3] == alone and three[2::3] == alone
+        assert len(engine.lanes) == 2
+        engine.remove_adapter("cards2")
         assert alone != want_base  # the adapter changes the answers, so the comparison means something
         # Greedy text through the runtime LoRA matches the merged f16 model on most prompts (f16 rounding differs).
         assert sum(a == b for a, b in zip(alone, want_merged)) >= len(PROMPTS) - 1, (alone, want_merged)

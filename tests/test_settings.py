@@ -92,3 +92,11 @@ def test_settings_command_prints_values_and_sources(tmp_path, monkeypatch):
                             "help": "TCP port of the service."}
     assert rows["model"]["value"] is None and set(rows) == {f for f, *_ in Settings.describe()}
     tomllib.loads(result.output)
+
+
+def test_decode_lanes_is_one_or_two():
+    assert Settings().decode_lanes == 2
+    Settings(decode_lanes=1).validate()
+    for bad in (0, 3, -1):
+        with pytest.raises(ConfigError, match="decode_lanes"):
+            Settings(decode_lanes=bad).validate()

@@ -78,7 +78,8 @@ def real_engine(settings: Settings, gguf):
     from .engine import Engine
 
     return Engine(gguf, n_seq_max=settings.n_seq_max, seq_ctx=settings.seq_ctx,
-                  threads=settings.resolved_threads(), queue_max=settings.queue_max, gpu_layers=settings.gpu_layers)
+                  threads=settings.resolved_threads(), queue_max=settings.queue_max, gpu_layers=settings.gpu_layers,
+                  lanes=settings.decode_lanes)
 
 
 @dataclasses.dataclass

@@ -75,6 +75,7 @@ class TrainConfig:
     forgetting: bool = field(default=True, metadata=_flag(
         "Fail when general-prompt pass rate drops >10 points.", name="forgetting-check"))
     snapshot_every: int = 0                 # also write the adapter to `out` every N steps (0 = per epoch only)
+    val_every: int = 0                      # also score validation (accuracy and loss) every N steps (0 = per epoch)
     threads: int = 0
     bf16: bool = False                      # bf16 autocast (fp32 master weights); fast on CPUs with AVX512-BF16/AMX
     system_prompt: str = CLASSIFY_SYSTEM_PROMPT
@@ -91,7 +92,7 @@ class TrainConfig:
     def key(self) -> str:
         """Hash of the fields that must match for --resume to continue a checkpoint."""
         skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting",
-                "cache_dir"}
+                "cache_dir", "val_every"}
         # An unset chat_template stays out, so keys (and cached adapters) from before the field existed still match.
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
              if k not in skip and not (k == "chat_template" and v is None)}
@@ -202,6 +203,20 @@ def label_loss(model, input_ids, mask, labels):
     # Why not model(labels=...): it computes logits for every position, a fifth of the step on a CPU.
     logits = inner.lm_head(hidden[:, :-1][sel]).float()
     return F.cross_entropy(logits, target[sel])
+
+
+def _mean_label_loss(model, items: list[tuple[list[int], int]], pad_id: int, device: str, batch_size: int = 16) -> float:
+    """Token-weighted mean of label_loss over `items` (the validation rows), without gradients."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            input_ids, mask, lab = collate(items[i:i + batch_size], pad_id)
+            n = int((lab[:, 1:] != -100).sum())
+            total += float(label_loss(model, input_ids.to(device), mask.to(device), lab.to(device))) * n
+            count += n
+    return total / max(count, 1)
 
 
 # --- model ----------------------------------------------------------------------------------
@@ -358,7 +373,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
         shutil.rmtree(ckpt)
 
     decoder = LabelDecoder(tokenizer, labels, cfg.system_prompt) if labels else None
-    val_eval = val_set[:cfg.val_limit] if cfg.val_limit else val_set
+    val_eval = val_set
+    if cfg.val_limit and cfg.val_limit < len(val_set):  # evenly spaced: the split is in file order, often by label
+        val_eval = [val_set[i * len(val_set) // cfg.val_limit] for i in range(cfg.val_limit)]
     lengths = [len(ids) for ids, _ in train_tok]
     show = console.is_terminal() if progress is None else progress
     bar = None
@@ -398,16 +415,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
                          sum(state["losses"][-10:]) / len(state["losses"][-10:]), tps)
             state["step"] = step
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
-            if epoch_done:
-                acc = None
+            if epoch_done or (cfg.val_every and step % cfg.val_every == 0):
+                entry = {"epoch": round(step / steps_per_epoch, 3), "step": step, "accuracy": None,
+                         "rows": len(val_eval)}
                 if decoder is not None and val_eval:
                     model.eval()
                     preds = decoder.predict(model, [e.text for e in val_eval], device=device)
-                    acc = score([e.label for e in val_eval], preds, labels)["accuracy"]
+                    entry["accuracy"] = score([e.label for e in val_eval], preds, labels)["accuracy"]
+                    entry["loss"] = round(_mean_label_loss(model, tokenize(val_eval, tokenizer), pad_id, device), 5)
                     model.train()
-                    log.info("epoch %.2f: validation accuracy %.4f on %d rows", step / steps_per_epoch, acc, len(val_eval))
-                state["val"].append({"epoch": round(step / steps_per_epoch, 3), "step": step,
-                                     "accuracy": acc, "rows": len(val_eval)})
+                    log.info("step %d (epoch %.2f): validation accuracy %.4f, loss %.4f on %d rows", step,
+                             step / steps_per_epoch, entry["accuracy"], entry["loss"], len(val_eval))
+                state["val"].append(entry)
             if step % cfg.checkpoint_every == 0 or epoch_done:
                 _save_checkpoint(ckpt, cfg, model, opt, sched, state)
             if epoch_done or (cfg.snapshot_every and step % cfg.snapshot_every == 0):

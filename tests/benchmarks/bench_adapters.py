@@ -2,8 +2,12 @@
 
 One engine (the quantized base with both GGUF LoRAs loaded), one run: each round measures every case once, in a
 rotating order, and the table reports the median aggregate completion tokens/s over rounds (interleaving matters on a
-shared machine; see bench_serve.py). Also measured: the resident memory one more adapter costs (RSS before and after
-loading it) against one more merged model (RSS before and after loading the merged quantized GGUF in a second engine).
+shared machine; see bench_serve.py). The split case runs twice: as served (two lanes, i.e. two llama.cpp contexts
+over the same weights decoding the two adapter groups at the same time, a thread each) and, on a second engine
+with decode_lanes=1, with the two groups taking turns in one context (the design before lanes). Also measured: the
+resident memory one more adapter costs (RSS before and after loading it) against one more merged model (RSS before
+and after loading the merged quantized GGUF in another engine), and what the second lane costs (once, for any
+number of adapters).
 
     python tests/benchmarks/bench_adapters.py --threads 2 --rounds 5 --out adapters-bench.json
 
@@ -99,25 +103,34 @@ def measure(files: dict[str, Path], threads: int, rounds: int, max_tokens: int) 
     rss_one = rss_mib()
     engine.add_adapter("fraud", files["fraud"])
     rss_two = rss_mib()
+    run_case(engine, ["cards", "fraud"], 8)  # warm-up; makes the second lane
+    rss_lane = rss_mib()
+    assert len(engine.lanes) == 2
     merged = Engine(files["merged_q"], n_seq_max=8, seq_ctx=512, threads=threads)
     rss_merged = rss_mib()
     merged.close()
+    one_lane = Engine(files["base_q"], n_seq_max=8, seq_ctx=512, threads=threads, lanes=1,
+                      adapters={"cards": files["cards"], "fraud": files["fraud"]})
+    run_case(one_lane, ["cards", "fraud"], 8)  # warm-up
+    split = ["cards", "fraud"] * 4
     cases = {
-        "8 streams, base only": [None] * 8,
-        "8 streams, 1 adapter": ["cards"] * 8,
-        "8 streams, 2 adapters (4+4)": ["cards", "fraud"] * 4,
+        "8 streams, base only": (engine, [None] * 8),
+        "8 streams, 1 adapter": (engine, ["cards"] * 8),
+        "8 streams, 2 adapters (4+4)": (engine, split),
+        "2 adapters (4+4), one lane": (one_lane, split),
     }
-    run_case(engine, ["cards", "fraud"], 8)  # warm-up
     results: dict[str, list[dict]] = {name: [] for name in cases}
     for r in range(rounds):
         order = list(cases)[r % len(cases):] + list(cases)[:r % len(cases)]
         for name in order:
-            results[name].append(run_case(engine, cases[name], max_tokens))
+            results[name].append(run_case(*cases[name], max_tokens))
     switches = engine.adapter_switches
     engine.close()
+    one_lane.close()
     return {"results": results, "adapter_switches": switches,
             "memory_mib": {"engine_base": rss_base - rss0, "first_adapter": rss_one - rss_base,
-                           "second_adapter": rss_two - rss_one, "second_merged_model": rss_merged - rss_two,
+                           "second_adapter": rss_two - rss_one, "second_lane": rss_lane - rss_two,
+                           "second_merged_model": rss_merged - rss_lane,
                            "adapter_file": files["fraud"].stat().st_size / 2**20,
                            "merged_model_file": files["merged_q"].stat().st_size / 2**20}}
 
@@ -147,6 +160,8 @@ def main() -> None:
     results = measured["results"]
     one, two = "8 streams, 1 adapter", "8 streams, 2 adapters (4+4)"
     ratios = [b["tokens_per_second"] / a["tokens_per_second"] for a, b in zip(results[one], results[two])]
+    alternating = [b["tokens_per_second"] / a["tokens_per_second"]
+                   for a, b in zip(results[one], results["2 adapters (4+4), one lane"])]
     table = {name: statistics.median(x["tokens_per_second"] for x in runs) for name, runs in results.items()}
     report = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
@@ -155,6 +170,8 @@ def main() -> None:
         "median_tokens_per_second": table,
         "split_over_single": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                               "target": 0.7},
+        "split_one_lane_over_single": {"median": statistics.median(alternating), "min": min(alternating),
+                                       "max": max(alternating)},
         "memory_mib": measured["memory_mib"],
         "adapter_switches": measured["adapter_switches"],
         "runs": results,
@@ -164,9 +181,12 @@ def main() -> None:
         print(f"{name:32} {tps:12.1f}")
     s = report["split_over_single"]
     print(f"2 adapters / 1 adapter: median {s['median']:.2f}x (range {s['min']:.2f}-{s['max']:.2f}), target >= 0.70x")
+    a = report["split_one_lane_over_single"]
+    print(f"  (one lane, groups taking turns: median {a['median']:.2f}x, range {a['min']:.2f}-{a['max']:.2f})")
     m = report["memory_mib"]
     print(f"memory: one more adapter {m['second_adapter']:.1f} MiB RSS ({m['adapter_file']:.1f} MiB file); "
-          f"one more merged model {m['second_merged_model']:.1f} MiB RSS ({m['merged_model_file']:.1f} MiB file)")
+          f"one more merged model {m['second_merged_model']:.1f} MiB RSS ({m['merged_model_file']:.1f} MiB file); "
+          f"the second lane (once) {m['second_lane']:.1f} MiB RSS at n_seq_max 8 x seq_ctx 512")
     args.out.write_text(json.dumps(report, indent=2))
 
 

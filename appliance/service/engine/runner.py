@@ -1,4 +1,5 @@
-"""Continuous batching over libllama's low-level API: one decode thread, many sequences, one llama_decode per step.
+"""Continuous batching over libllama's low-level API: one decode thread, many sequences, one llama_decode per step
+(per adapter group: see Engine._step).
 
 Each running request owns a KV-cache sequence id (a slot, with its own KV stream) and its own sampler chain. Between
 steps, finished or cancelled sequences leave and waiting ones join. A slot keeps the KV of its last request, so a new
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ctypes
 import threading
 import time
@@ -42,6 +44,7 @@ class _Seq:
     def __init__(self, handle: Handle, tokens: list[int], params: GenParams, owner: str | None, eog: int):
         self.handle = handle
         self.adapter = params.adapter
+        self.lane: _Lane | None = None  # the context whose KV holds it, once placed
         # KV prefixes are reused only between requests of the same owner (the API key id) on the same adapter:
         # cells computed with one adapter are wrong for another.
         self.owner = owner if params.adapter is None else f"{owner}\0{params.adapter}"
@@ -61,18 +64,45 @@ class _Seq:
         return (self.tokens + self.generated)[:self.n_past]
 
 
+class _Lane:
+    """One llama.cpp context over the shared model weights: its own KV cache, batch, slot table and applied adapter.
+
+    libllama sets LoRA adapters per context, so one llama_decode cannot mix adapters. Sequences of different
+    adapters in one context cost one decode each per step, one after the other, each a small batch whose fixed
+    per-op cost (thread barriers, the LoRA's extra small matmuls) is not shared. A second lane lets two adapter
+    groups decode at the same time, each on its share of the threads. Touched by the decode thread only (and by
+    the lane worker inside llama_decode, while the decode thread waits for it)."""
+
+    def __init__(self, index: int, ctx, n_batch: int, n_slots: int, threads: int):
+        self.index = index
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.slots = SlotTable(n_slots)
+        self.applied: str | None = None  # the adapter set on the context now
+        self.threads = threads  # the context's thread count now (see Engine._set_threads)
+
+    def groups(self) -> set[str | None]:
+        return {s.adapter for s in self.slots.running.values()}
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
 class Engine:
-    """Owns the model, the context and the decode thread.
+    """Owns the model, its contexts (lanes) and the decode thread.
 
     Threads and state: `_lock` (a Condition) guards `_waiting` and `_stopping`, the only state the asyncio side
     writes (submit, close); the decode thread sleeps on it when idle and Handle.cancel() notifies it. Everything
-    else (`_active`, the slot table, each _Seq, the samplers, the batch, the counters) is written by the decode
-    thread only; /metrics reads the counters and len(_active) without the lock (single int reads).
+    else (`_active`, the lanes, each _Seq, the samplers, the counters) is written by the decode thread only (a
+    second lane's llama_decode runs on a worker thread while the decode thread waits for it); /metrics reads the
+    counters and len(_active) without the lock (single int reads).
     """
 
     def __init__(self, model_path: Path, *, n_seq_max: int = 8, seq_ctx: int = 2048,
                  threads: int = 2, queue_max: int = 64, n_batch: int = 512,
-                 adapters: dict[str, Path] | None = None, gpu_layers: int = 0):
+                 adapters: dict[str, Path] | None = None, gpu_layers: int = 0, lanes: int = 2):
         model_path = Path(model_path)
         if not model_path.is_file():
             raise InputError(f"model file {model_path} does not exist", "pass --model a GGUF file or a build directory")
@@ -102,15 +132,20 @@ class Engine:
         # float summation order); it also means no sequence can run out of cells because of another.
         cparams.kv_unified = False
         cparams.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
+        self._cparams = cparams
+        self.threads = threads
+        self.n_batch = n_batch
+        ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not ctx:
             llama_cpp.llama_model_free(self.model)
             raise ServiceError(f"could not create a llama.cpp context of {n_seq_max} x {seq_ctx} tokens",
                                "lower seq_ctx or n_seq_max")
-        self.seq_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_batch = n_batch
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.lanes = [_Lane(0, ctx, n_batch, n_seq_max, threads)]
+        # A second lane is made the first time two adapter groups run at once (it costs a KV cache as large as
+        # the first's), and only where each lane can have a thread of its own.
+        self.max_lanes = max(1, min(lanes, threads))
+        self._lane_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.seq_ctx = llama_cpp.llama_n_ctx_seq(ctx)
         self.queue_max = queue_max
         self.add_bos = self.vocabulary.add_bos
         self.eog = self.vocabulary.eog
@@ -118,16 +153,15 @@ class Engine:
         self._waiting: collections.deque[_Seq] = collections.deque()  # guarded by _lock
         self._stopping = False  # guarded by _lock
         self._active: list[_Seq] = []  # decode thread only
-        self.slots = SlotTable(n_seq_max)  # decode thread only
-        # LoRA adapters (GGUF) over the one set of model weights. libllama sets adapters per context, so a step
-        # decodes one group of sequences per adapter, switching the context's adapter between groups (as
-        # llama-server does for per-request LoRA); the weights are shared, each adapter costs only its own tensors.
+        # LoRA adapters (GGUF) over the one set of model weights. libllama sets adapters per context: a step
+        # decodes one group of sequences per adapter, in parallel across lanes and one after the other within a
+        # lane (switching its adapter between groups, as llama-server does for per-request LoRA); the weights are
+        # shared, each adapter costs only its own tensors.
         # `_adapters` is written under `_decode_lock` (held by the decode thread for a whole step), so a load or a
         # free never overlaps a decode; `_retired` (guarded by `_lock`) are removed names still in use.
         self._decode_lock = threading.Lock()
         self._adapters: dict[str, object] = {}
         self._retired: set[str] = set()
-        self._applied: str | None = None  # decode thread only: the adapter the context has now
         self.adapter_switches = 0
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
@@ -208,9 +242,10 @@ class Engine:
         if not done:
             return
         with self._decode_lock:
-            if self._applied in done:
-                llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
-                self._applied = None
+            for lane in self.lanes:
+                if lane.applied in done:
+                    llama_cpp.llama_set_adapters_lora(lane.ctx, None, 0, None)
+                    lane.applied = None
             for name in done:
                 with self._lock:
                     ptr = self._adapters.pop(name)
@@ -218,18 +253,18 @@ class Engine:
                     self._lock.notify_all()
                 llama_cpp.llama_adapter_lora_free(ptr)
 
-    def _apply_adapter(self, name: str | None) -> None:
-        if name == self._applied:
+    def _apply_adapter(self, lane: _Lane, name: str | None) -> None:
+        if name == lane.applied:
             return
         if name is None:
-            rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+            rc = llama_cpp.llama_set_adapters_lora(lane.ctx, None, 0, None)
         else:
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
             scales = (ctypes.c_float * 1)(1.0)
-            rc = llama_cpp.llama_set_adapters_lora(self.ctx, arr, 1, scales)
+            rc = llama_cpp.llama_set_adapters_lora(lane.ctx, arr, 1, scales)
         if rc != 0:
             raise ServiceError(f"libllama could not switch to adapter {name!r} ({rc})")
-        self._applied = name
+        lane.applied = name
         self.adapter_switches += 1
 
     # ------------------------------------------------------------------ state for metrics
@@ -280,10 +315,12 @@ class Engine:
         self._thread.join(timeout=30)
         if self._thread.is_alive():
             return  # a decode is stuck; leak rather than free memory a C call still uses
-        llama_cpp.llama_batch_free(self.batch)
         for seq in self._active:
             self._free_sampler(seq)
-        llama_cpp.llama_free(self.ctx)
+        if self._lane_pool is not None:
+            self._lane_pool.shutdown(wait=True)
+        for lane in self.lanes:
+            lane.free()
         for ptr in self._adapters.values():
             llama_cpp.llama_adapter_lora_free(ptr)
         llama_cpp.llama_model_free(self.model)
@@ -293,8 +330,8 @@ class Engine:
             self._lock.notify()
 
     # ------------------------------------------------------------------ decode thread
-    def _batch_add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
-        b = self.batch
+    @staticmethod
+    def _batch_add(b, token: int, pos: int, seq_id: int, logits: bool) -> int:
         i = b.n_tokens
         b.token[i] = token
         b.pos[i] = pos
@@ -305,7 +342,7 @@ class Engine:
         return i
 
     def _admit(self) -> None:
-        while self._waiting and self.slots.free:
+        while self._waiting and len(self._active) < self.n_slots:
             seq = self._waiting[0]
             if seq.handle.cancelled:
                 self._waiting.popleft()
@@ -321,27 +358,48 @@ class Engine:
             self._active.append(seq)
 
     def _compact(self) -> None:
-        """Carry out the slot table's moves: one stream copy each.
+        """Carry out every lane's slot-table moves: one stream copy each.
 
         libllama runs one graph per run of consecutive sequence ids (see _step), so running slots {0, 2, 4, 6} cost
         four graphs a step. Measured here (SmolLM2-135M, 2 threads): 4 sequences in slots 0-3 take 24 ms a step,
         in 0, 2, 4, 6 they take 40 ms; the move is one stream copy (about 8 ms, once). The copy is bit-exact, so
         greedy output does not change. The slot it leaves keeps the sequence's KV as a cached prefix."""
-        for src, dst in self.slots.compact():
-            llama_cpp.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
-            self.slot_moves += 1
+        for lane in self.lanes:
+            for src, dst in lane.slots.compact():
+                llama_cpp.llama_memory_seq_cp(lane.mem, src, dst, -1, -1)
+                self.slot_moves += 1
+
+    def _lane_for(self, seq: _Seq) -> _Lane:
+        """The lane a new sequence joins: the one already decoding its adapter group (one more row in that
+        decode); else an idle lane, the one holding the longest prefix of its prompt; else a new lane; else the
+        least busy one (its groups then take turns there)."""
+        for lane in self.lanes:
+            if seq.adapter in lane.groups():
+                return lane
+        idle = [lane for lane in self.lanes if not lane.slots.running]
+        if idle:
+            return max(idle, key=lambda lane: (lane.slots.best_prefix(seq), -lane.index))
+        if len(self.lanes) < self.max_lanes:
+            ctx = llama_cpp.llama_init_from_model(self.model, self._cparams)
+            if ctx:
+                self.lanes.append(_Lane(len(self.lanes), ctx, self.n_batch, self.n_slots, self.threads))
+                return self.lanes[-1]
+            self.max_lanes = len(self.lanes)  # no memory for another KV cache: share the lanes there are
+        return min(self.lanes, key=lambda lane: (len(lane.slots.running), lane.index))
 
     def _place(self, seq: _Seq) -> None:
         """Carry out the slot table's placement; the last prompt token is always decoded, its logits start the
         answer."""
-        plan = self.slots.place(seq)
+        lane = self._lane_for(seq)
+        plan = lane.slots.place(seq)
+        seq.lane = lane
         keep = plan.keep
         if plan.copy_from is not None:
-            llama_cpp.llama_memory_seq_cp(self.mem, plan.copy_from, plan.slot, -1, -1)
-        if keep and not llama_cpp.llama_memory_seq_rm(self.mem, plan.slot, keep, -1):
+            llama_cpp.llama_memory_seq_cp(lane.mem, plan.copy_from, plan.slot, -1, -1)
+        if keep and not llama_cpp.llama_memory_seq_rm(lane.mem, plan.slot, keep, -1):
             keep = 0  # this memory cannot drop a tail (recurrent or sliding-window models): start clean
         if not keep:
-            llama_cpp.llama_memory_seq_rm(self.mem, plan.slot, -1, -1)
+            llama_cpp.llama_memory_seq_rm(lane.mem, plan.slot, -1, -1)
         seq.n_past = keep
         self.prompt_cached_total += keep
 
@@ -374,9 +432,10 @@ class Engine:
             seq.chain = None
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
-        slot = self.slots.release(seq, keep_kv=reason != "error")
+        lane = seq.lane
+        slot = lane.slots.release(seq, keep_kv=reason != "error") if lane is not None else -1
         if slot >= 0 and reason == "error":  # the cells may be half-written
-            llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            llama_cpp.llama_memory_seq_rm(lane.mem, slot, -1, -1)
         self._free_sampler(seq)
         if seq in self._active:
             self._active.remove(seq)
@@ -411,7 +470,7 @@ class Engine:
         # Keep the KV of the prefix the branch shares with the path decoded so far; drop the rest.
         common = min(common_prefix(seq.generated, target, len(target) - 1), seq.n_past - len(seq.tokens))
         n_past = len(seq.tokens) + common
-        if not llama_cpp.llama_memory_seq_rm(self.mem, seq.slot, n_past, -1):
+        if not llama_cpp.llama_memory_seq_rm(seq.lane.mem, seq.slot, n_past, -1):
             walk.budget = 0  # this memory cannot drop a tail: no alternatives
             self._finish(seq, "stop")
             return
@@ -424,7 +483,7 @@ class Engine:
         while True:
             with self._lock:
                 while not (self._stopping or self._active or self._retired or
-                           (self._waiting and self.slots.free)):
+                           (self._waiting and len(self._active) < self.n_slots)):
                     self._lock.wait()
                 if self._stopping:
                     for seq in list(self._active) + list(self._waiting):
@@ -451,17 +510,68 @@ class Engine:
                         self._finish(seq, "error", error=f"decode failed: {exc}")
 
     def _step(self) -> None:
-        """One decode per adapter group of the active sequences (one decode when all share one adapter)."""
-        groups: dict[str | None, list[_Seq]] = {}
+        """One decode per adapter group of the active sequences (one decode when all share one adapter). Groups in
+        different lanes decode at the same time, each lane on its share of the threads; groups in one lane take
+        turns (the adapter it has now first: one switch per step at most when two groups alternate)."""
+        per_lane: dict[int, dict[str | None, list[_Seq]]] = {}
         for seq in self._active:
-            groups.setdefault(seq.adapter, []).append(seq)
-        # The adapter the context has now goes first: one switch per step at most when two groups alternate.
-        for name in sorted(groups, key=lambda n: (n != self._applied, n or "")):
-            self._apply_adapter(name)
-            self._step_group(groups[name])
+            per_lane.setdefault(seq.lane.index, {}).setdefault(seq.adapter, []).append(seq)
+        turns = []
+        for index, groups in sorted(per_lane.items()):
+            lane = self.lanes[index]
+            turns.append([(lane, groups[name]) for name in
+                          sorted(groups, key=lambda n, lane=lane: (n != lane.applied, n or ""))])
+        for r in range(max(len(t) for t in turns)):
+            work = [t[r] for t in turns if r < len(t)]
+            share = max(1, self.threads // len(work))
+            planned = []
+            for lane, group in work:
+                self._set_threads(lane, share)
+                self._apply_adapter(lane, group[0].adapter)
+                outputs = self._fill_batch(lane, group)
+                if lane.batch.n_tokens:
+                    planned.append((lane, outputs))
+            if not planned:
+                continue
+            t0 = time.perf_counter()
+            self._decode_all([lane for lane, _ in planned])
+            n_new = 0
+            for lane, outputs in planned:
+                for seq, idx in outputs:
+                    if seq.last is None:
+                        self.prompt_total += len(seq.tokens)
+                    tok = self._sample(seq, idx)
+                    n_new += 1
+                    self._accept(seq, tok)
+            dt = time.perf_counter() - t0
+            self.decode_seconds += dt
+            self.generated_total += n_new
+            if dt > 0:
+                self.tokens_per_second = 0.9 * self.tokens_per_second + 0.1 * (n_new / dt)
 
-    def _step_group(self, active: list[_Seq]) -> None:
-        self.batch.n_tokens = 0
+    def _set_threads(self, lane: _Lane, n: int) -> None:
+        if lane.threads != n:
+            llama_cpp.llama_set_n_threads(lane.ctx, n, n)
+            lane.threads = n
+
+    def _decode_all(self, lanes: list[_Lane]) -> None:
+        """llama_decode every lane's batch, the first on this thread and the others on workers at the same time
+        (ctypes releases the GIL for the call); raise ServiceError if any decode failed."""
+        others = []
+        if len(lanes) > 1:
+            if self._lane_pool is None:
+                self._lane_pool = concurrent.futures.ThreadPoolExecutor(self.max_lanes - 1,
+                                                                         thread_name_prefix="bankllm-lane")
+            others = [self._lane_pool.submit(llama_cpp.llama_decode, lane.ctx, lane.batch) for lane in lanes[1:]]
+        codes = [llama_cpp.llama_decode(lanes[0].ctx, lanes[0].batch)] + [f.result() for f in others]
+        bad = [rc for rc in codes if rc != 0]
+        if bad:
+            raise ServiceError(f"llama_decode returned {bad[0]}")
+
+    def _fill_batch(self, lane: _Lane, active: list[_Seq]) -> list[tuple[_Seq, int]]:
+        """Put one group's tokens into the lane's batch; return the (sequence, batch index) pairs to sample."""
+        batch = lane.batch
+        batch.n_tokens = 0
         outputs: list[tuple[_Seq, int]] = []
         # Running sequences get one token each first, so a long prefill never stalls them; prefills share the rest.
         budget = self.n_batch - sum(1 for seq in active if seq.last is not None)
@@ -481,36 +591,19 @@ class Engine:
             decoding = seq.last is not None
             done = decoding or seq.n_past + len(chunk) == len(seq.tokens)
             for j, tok in enumerate(chunk):
-                idx = self._batch_add(tok, seq.n_past + j, seq.slot, done and j == len(chunk) - 1)
+                idx = self._batch_add(batch, tok, seq.n_past + j, seq.slot, done and j == len(chunk) - 1)
             if done:
                 outputs.append((seq, idx))
             seq.n_past += len(chunk)
-        if self.batch.n_tokens == 0:
-            return
-        t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ctx, self.batch)
-        if rc != 0:
-            raise ServiceError(f"llama_decode returned {rc}")
-        n_new = 0
-        for seq, idx in outputs:
-            if seq.last is None:
-                self.prompt_total += len(seq.tokens)
-            tok = self._sample(seq, idx)
-            n_new += 1
-            self._accept(seq, tok)
-        dt = time.perf_counter() - t0
-        self.decode_seconds += dt
-        self.generated_total += n_new
-        if dt > 0:
-            self.tokens_per_second = 0.9 * self.tokens_per_second + 0.1 * (n_new / dt)
+        return outputs
 
     def _sample(self, seq: _Seq, idx: int) -> int:
         if seq.walk is None:
-            return llama_cpp.llama_sampler_sample(seq.chain, self.ctx, idx)
+            return llama_cpp.llama_sampler_sample(seq.chain, seq.lane.ctx, idx)
         forced = seq.walk.take_forced()
         if forced is not None:
             return forced
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(seq.lane.ctx, idx), shape=(self.n_vocab,))
         return seq.walk.pick(logits[seq.walk.allowed()])
 
     def _accept(self, seq: _Seq, tok: int) -> None:

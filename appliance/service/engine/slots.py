@@ -58,6 +58,11 @@ class SlotTable:
             return self.cached[slot] if self.cached_owner[slot] == owner else []
         return seq.kv_tokens() if seq.owner == owner else []
 
+    def best_prefix(self, seq: SlotUser) -> int:
+        """The longest prompt prefix of `seq` any slot holds for its owner (what placing it here would reuse)."""
+        limit = len(seq.tokens) - 1
+        return max(common_prefix(self.slot_tokens(slot, seq.owner), seq.tokens, limit) for slot in range(self.n_slots))
+
     def place(self, seq: SlotUser) -> Placement:
         """Give `seq` the lowest free slot and find the longest prompt prefix it may reuse; the last prompt token
         is never reused (its logits start the answer). The caller executes the placement."""
