@@ -153,13 +153,45 @@ def test_bad_inputs_fail_in_one_line_and_leave_nothing(base_dir, shared_data_dir
     assert not [p for p in tmp_path.iterdir() if p.name != "full"]
 
 
-def test_a_build_whose_base_changed_is_refused(base_dir, shared_data_dir, tmp_path):
-    build = tmp_path / "build"
+def _write_build(build: Path, base: dict, adapter: dict) -> Path:
+    """A build directory holding only a complete build report (what export reads of a build)."""
+    from appliance.artifacts import REPORT_SCHEMA
+
     build.mkdir()
-    report = {"schema": 1, "build_id": "x", "inputs_digest": "x", "steps": [], "outputs": {},
-              "base": {"path": str(base_dir), "sha256_tree": "0" * 64},
-              "adapter": {"path": str(ADAPTER), "sha256": "0" * 64}}
+    report = {"schema": REPORT_SCHEMA, "build_id": "x", "inputs_digest": "x", "steps": [], "outputs": {},
+              "gate": [], "chosen": "Q4_K_M", "verdict": "ship", "versions": {}, "base": base, "adapter": adapter}
     (build / "build-report.json").write_text(json.dumps(report))
-    with pytest.raises((ChecksumError, InputError)):
+    return build
+
+
+def test_a_build_whose_base_changed_is_refused(base_dir, shared_data_dir, tmp_path):
+    build = _write_build(tmp_path / "build", {"path": str(base_dir), "sha256_tree": "0" * 64},
+                         {"path": str(ADAPTER), "sha256": "0" * 64})
+    with pytest.raises(ChecksumError, match="missing or changed since the build"):
         export_vllm(Settings(data_dir=shared_data_dir), tmp_path / "out", build=build)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_build_from_an_adapter_archive_exports_from_that_archive(base_dir, shared_data_dir, tmp_path):
+    """The build recorded the archive's sha256: the export checks the archive again (it used to compare the
+    unpacked directory's weights with the archive's hash and refuse every archive-built build)."""
+    import tarfile
+
+    from appliance.export.vllm import _sources
+    from appliance.fsutil import sha256_tree
+    from appliance.pipeline.adapter import resolve_adapter
+
+    archive = tmp_path / "adapter.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(ADAPTER, arcname="adapter")
+    settings = Settings(data_dir=shared_data_dir)
+    lora = resolve_adapter(str(archive), None, tmp_path / "cache")
+    build = _write_build(tmp_path / "build", {"path": str(base_dir), "sha256_tree": sha256_tree(base_dir)},
+                         lora.as_dict())
+    _, got, _ = _sources(settings, build, None, None, None)
+    assert got.sha256 == lora.sha256 and got.kind == "archive"
+    with tarfile.open(archive, "w:gz") as tar:  # another archive under the same name
+        tar.add(ADAPTER / "adapter_config.json", arcname="adapter/adapter_config.json")
+        tar.add(ADAPTER / "adapter_model.safetensors", arcname="adapter/adapter_model.safetensors")
+    with pytest.raises(ChecksumError, match="sha256"):
+        _sources(settings, build, None, None, None)

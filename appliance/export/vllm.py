@@ -72,8 +72,13 @@ def _sources(settings: Settings, build: Path | None, adapter: str | None, adapte
                                 "restore it, or export with --adapter SRC --base DIR")
         if not report.get("adapter"):
             raise InputError(f"build {build} has no adapter", "export a build made with an adapter")
-        adapter = report["adapter"].get("path") or report["adapter"]["source"]
-        expected = report["adapter"]["sha256"]
+        recorded = report["adapter"]
+        expected = recorded["sha256"]
+        if recorded.get("kind", "dir") == "dir":
+            adapter = recorded.get("path") or recorded["source"]
+        else:  # an archive or URL: its recorded sha256 is the archive's, so check the archive again, not the unpacking
+            adapter = recorded["source"]
+            adapter_sha256 = adapter_sha256 or recorded.get("pin_sha256") or expected
     else:
         base_dir = Path(base) if base else ensure_default_base(settings.data_dir)
         adapter = adapter or (str(default_adapter_dir()) if default_adapter_dir() else None)
