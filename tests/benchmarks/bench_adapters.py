@@ -4,7 +4,8 @@ One engine (the quantized base with both GGUF LoRAs loaded), one run: each round
 rotating order, and the table reports the median aggregate completion tokens/s over rounds (interleaving matters on a
 shared machine; see bench_serve.py). The split case runs twice: as served (two lanes, i.e. two llama.cpp contexts
 over the same weights decoding the two adapter groups at the same time, a thread each) and, on a second engine
-with decode_lanes=1, with the two groups taking turns in one context (the design before lanes). Also measured: the
+with decode_lanes=1, with the two groups taking turns in one context (the design before lanes), against its own
+single-adapter case (that engine runs after the first is closed: see measure()). Also measured: the
 resident memory one more adapter costs (RSS before and after loading it) against one more merged model (RSS before
 and after loading the merged quantized GGUF in another engine), and what the second lane costs (once, for any
 number of adapters).
@@ -66,6 +67,16 @@ def run_case(engine, adapters: list[str | None], max_tokens: int) -> dict:
     return {"seconds": seconds, "completion_tokens": tokens, "tokens_per_second": tokens / seconds}
 
 
+def interleaved(cases: dict[str, list[str | None]], engine, rounds: int, max_tokens: int) -> dict[str, list[dict]]:
+    """Each round runs every case once, starting one case later each round."""
+    results: dict[str, list[dict]] = {name: [] for name in cases}
+    for r in range(rounds):
+        order = list(cases)[r % len(cases):] + list(cases)[:r % len(cases)]
+        for name in order:
+            results[name].append(run_case(engine, cases[name], max_tokens))
+    return results
+
+
 def prepare(work: Path, threads: int) -> dict[str, Path]:
     """The base as f16 and Q4_K_M GGUF, the shipped adapter and a second one as GGUF LoRAs, and the merged Q4_K_M."""
     from appliance.pipeline.adapter import resolve_adapter
@@ -109,24 +120,21 @@ def measure(files: dict[str, Path], threads: int, rounds: int, max_tokens: int) 
     merged = Engine(files["merged_q"], n_seq_max=8, seq_ctx=512, threads=threads)
     rss_merged = rss_mib()
     merged.close()
-    one_lane = Engine(files["base_q"], n_seq_max=8, seq_ctx=512, threads=threads, lanes=1,
-                      adapters={"cards": files["cards"], "fraud": files["fraud"]})
-    run_case(one_lane, ["cards", "fraud"], 8)  # warm-up
     split = ["cards", "fraud"] * 4
-    cases = {
-        "8 streams, base only": (engine, [None] * 8),
-        "8 streams, 1 adapter": (engine, ["cards"] * 8),
-        "8 streams, 2 adapters (4+4)": (engine, split),
-        "2 adapters (4+4), one lane": (one_lane, split),
-    }
-    results: dict[str, list[dict]] = {name: [] for name in cases}
-    for r in range(rounds):
-        order = list(cases)[r % len(cases):] + list(cases)[:r % len(cases)]
-        for name in order:
-            results[name].append(run_case(*cases[name], max_tokens))
+    results = interleaved({"8 streams, base only": [None] * 8, "8 streams, 1 adapter": ["cards"] * 8,
+                           "8 streams, 2 adapters (4+4)": split}, engine, rounds, max_tokens)
     switches = engine.adapter_switches
     engine.close()
+    # The design before lanes, on its own engine after the first is closed: two engines alive in one process
+    # halved the speed of every two-thread decode here (their OpenMP thread pools compete), which would flatter
+    # the lanes.
+    one_lane = Engine(files["base_q"], n_seq_max=8, seq_ctx=512, threads=threads, lanes=1,
+                      adapters={"cards": files["cards"], "fraud": files["fraud"]})
+    run_case(one_lane, split, 8)  # warm-up
+    alone = interleaved({"one lane: 8 streams, 1 adapter": ["cards"] * 8,
+                         "one lane: 2 adapters (4+4), taking turns": split}, one_lane, rounds, max_tokens)
     one_lane.close()
+    results.update(alone)
     return {"results": results, "adapter_switches": switches,
             "memory_mib": {"engine_base": rss_base - rss0, "first_adapter": rss_one - rss_base,
                            "second_adapter": rss_two - rss_one, "second_lane": rss_lane - rss_two,
@@ -160,8 +168,8 @@ def main() -> None:
     results = measured["results"]
     one, two = "8 streams, 1 adapter", "8 streams, 2 adapters (4+4)"
     ratios = [b["tokens_per_second"] / a["tokens_per_second"] for a, b in zip(results[one], results[two])]
-    alternating = [b["tokens_per_second"] / a["tokens_per_second"]
-                   for a, b in zip(results[one], results["2 adapters (4+4), one lane"])]
+    alternating = [b["tokens_per_second"] / a["tokens_per_second"] for a, b in
+                   zip(results["one lane: 8 streams, 1 adapter"], results["one lane: 2 adapters (4+4), taking turns"])]
     table = {name: statistics.median(x["tokens_per_second"] for x in runs) for name, runs in results.items()}
     report = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
