@@ -366,7 +366,8 @@ def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup
     keys_file = tmp_path / "api-keys"
     admin_key = create_key(keys_file, "ops", scopes=["admin"])[1]
     (tmp_path / "admin.key").write_text(admin_key)
-    env = {"BANKLLM_THREADS": "1", "BANKLLM_STATE_DIR": str(tmp_path / "state"), "BANKLLM_SEQ_CTX": "512"}
+    # Two threads: a second adapter group gets the second lane (context), a thread each.
+    env = {"BANKLLM_THREADS": "2", "BANKLLM_STATE_DIR": str(tmp_path / "state"), "BANKLLM_SEQ_CTX": "512"}
     with running_server(tmp_path, model=build, env=env) as server, server.http() as http, \
             server.http(key=admin_key) as admin:
         def cli(*args):
@@ -382,6 +383,20 @@ def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup
         _stream(http, "rand", 96, alone)
         want_rand, finish = _text(alone)
         assert finish == "length"
+        assert server.metric("bankllm_decode_lanes") == 1  # one group at a time so far
+
+        # The base arriving while `rand` streams decodes in a second lane at the same time: both answers are what
+        # they are alone.
+        log: list = []
+        t = threading.Thread(target=_stream, args=(http, "rand", 96, log))
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(log) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _answer(http, None) == base
+        t.join(120)
+        assert _text(log) == (want_rand, "length")
+        assert server.metric("bankllm_decode_lanes") == 2
 
         # Hot add while `rand` streams: the stream goes on, its tokens are the ones it has alone.
         log: list = []

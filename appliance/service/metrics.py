@@ -24,6 +24,8 @@ class Metrics:
                                           "held (not prefilled again), since start.", registry=r)
         self.slot_moves = Gauge("bankllm_kv_slot_moves", "Running sequences moved down into a free slot to keep "
                                 "running slots contiguous, since start.", registry=r)
+        self.lanes = Gauge("bankllm_decode_lanes", "llama.cpp contexts decoding (a second one is made when two "
+                           "adapter groups run at once; see decode_lanes).", registry=r)
         self.queue_depth = Gauge("bankllm_queue_depth", "Requests waiting for a slot.", registry=r)
         self.active = Gauge("bankllm_active_sequences", "Sequences being decoded.", registry=r)
 
@@ -34,6 +36,7 @@ class Metrics:
         self.tokens_per_second.set_function(lambda: engine.tokens_per_second)
         self.prompt_tokens_cached.set_function(lambda: engine.prompt_cached_total)
         self.slot_moves.set_function(lambda: engine.slot_moves)
+        self.lanes.set_function(lambda: engine.n_lanes)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

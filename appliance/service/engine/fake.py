@@ -128,6 +128,10 @@ class FakeEngine:
     def active(self) -> int:
         return self._running
 
+    @property
+    def n_lanes(self) -> int:
+        return 1  # one "context": the fake has no per-context adapters
+
     # ------------------------------------------------------------------ requests
     def check_fits(self, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:
         return check_fits(self.seq_ctx, n_prompt, max_tokens, param)

@@ -24,6 +24,9 @@ class EngineClient(Protocol):
     def queue_depth(self) -> int: ...
 
     @property
+    def n_lanes(self) -> int: ...  # contexts decoding (one per adapter group running at once, up to decode_lanes)
+
+    @property
     def active(self) -> int: ...
 
     @property

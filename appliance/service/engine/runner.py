@@ -276,6 +276,10 @@ class Engine:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def n_lanes(self) -> int:
+        return len(self.lanes)
+
     # ------------------------------------------------------------------ requests
     def check_fits(self, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:
         """Return the max_tokens to use, or raise PromptTooLongError with the numbers."""
@@ -371,21 +375,33 @@ class Engine:
 
     def _lane_for(self, seq: _Seq) -> _Lane:
         """The lane a new sequence joins: the one already decoding its adapter group (one more row in that
-        decode); else an idle lane, the one holding the longest prefix of its prompt; else a new lane; else the
-        least busy one (its groups then take turns there)."""
+        decode); else an idle lane, the one holding the longest prefix of its prompt; else the least busy one
+        (its groups then take turns there)."""
         for lane in self.lanes:
             if seq.adapter in lane.groups():
                 return lane
         idle = [lane for lane in self.lanes if not lane.slots.running]
         if idle:
             return max(idle, key=lambda lane: (lane.slots.best_prefix(seq), -lane.index))
-        if len(self.lanes) < self.max_lanes:
-            ctx = llama_cpp.llama_init_from_model(self.model, self._cparams)
-            if ctx:
-                self.lanes.append(_Lane(len(self.lanes), ctx, self.n_batch, self.n_slots, self.threads))
-                return self.lanes[-1]
-            self.max_lanes = len(self.lanes)  # no memory for another KV cache: share the lanes there are
         return min(self.lanes, key=lambda lane: (len(lane.slots.running), lane.index))
+
+    def _maybe_add_lane(self) -> None:
+        """Make the second lane when the groups running and waiting outnumber the lanes (they would take turns).
+        Called without `_lock` (making a context allocates its KV cache, which must not stall submit()); it only
+        peeks at `_waiting`: a request it misses shares a lane (for its whole life) and the next step makes it."""
+        if len(self.lanes) >= self.max_lanes or not self._waiting:
+            return
+        try:
+            pending = {seq.adapter for seq in list(self._waiting)}
+        except RuntimeError:  # appended to while copied: look again next step
+            return
+        if len(pending.union(*(lane.groups() for lane in self.lanes))) <= len(self.lanes):
+            return
+        ctx = llama_cpp.llama_init_from_model(self.model, self._cparams)
+        if not ctx:
+            self.max_lanes = len(self.lanes)  # no memory for another KV cache: share the lanes there are
+            return
+        self.lanes.append(_Lane(len(self.lanes), ctx, self.n_batch, self.n_slots, self.threads))
 
     def _place(self, seq: _Seq) -> None:
         """Carry out the slot table's placement; the last prompt token is always decoded, its logits start the
@@ -493,6 +509,7 @@ class Engine:
 
             for seq in [s for s in self._active if s.handle.cancelled]:
                 self._finish(seq, "cancelled")
+            self._maybe_add_lane()
             with self._lock:
                 for seq in [s for s in self._waiting if s.handle.cancelled]:
                     self._waiting.remove(seq)
