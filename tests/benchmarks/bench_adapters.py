@@ -126,8 +126,8 @@ def measure(files: dict[str, Path], threads: int, rounds: int, max_tokens: int) 
     switches = engine.adapter_switches
     engine.close()
     # The design before lanes, on its own engine after the first is closed: two engines alive in one process
-    # halved the speed of every two-thread decode here (their OpenMP thread pools compete), which would flatter
-    # the lanes.
+    # halved the speed of every two-thread decode here (most likely their two OpenMP thread pools competing; not
+    # investigated further), which would flatter the lanes.
     one_lane = Engine(files["base_q"], n_seq_max=8, seq_ctx=512, threads=threads, lanes=1,
                       adapters={"cards": files["cards"], "fraud": files["fraud"]})
     run_case(one_lane, split, 8)  # warm-up
