@@ -92,7 +92,8 @@ class Settings:
     decode_lanes: int = field(default=2, metadata=_doc(
         "llama.cpp contexts that decode different adapters' requests at the same time, each on its share of the "
         "threads (1: adapters take turns in one context). A second lane is made only once two adapters (or an "
-        "adapter and the base) run at once, and costs a KV cache of n_seq_max x seq_ctx tokens."))
+        "adapter and the base) run at once, only with threads >= 2, and costs a KV cache of n_seq_max x seq_ctx "
+        "tokens."))
     gpu_layers: int = field(default=0, metadata=_doc(
         "Model layers libllama offloads to a GPU (0: CPU only; -1: all). Needs llama-cpp-python built with a GPU "
         "backend (`bankllm doctor` says whether it is)."))

@@ -150,6 +150,31 @@ def test_engine_serves_base_and_adapter_side_by_side(f16_pair, lora_file):
         engine.close()
 
 
+def test_a_name_taken_by_another_adapter_never_reuses_the_old_ones_kv(f16_pair, base_dir, lora_file, tmp_path):
+    """Prompt prefixes are cached per (key, adapter name): once an adapter is removed, its cached KV goes, or
+    another file added under the same name would continue prompts from KV the old weights computed."""
+    from appliance.service.engine import Engine
+    from tests.conftest import make_lora_adapter
+
+    other = tmp_path / "other.gguf"
+    convert_lora(make_lora_adapter(base_dir, tmp_path / "other", seed=3, rank=8, scale_b=0.05), base_dir,
+                 f16_pair["base"], other)
+    fresh = Engine(f16_pair["base"], n_seq_max=4, seq_ctx=256, threads=1, adapters={"cards": other})
+    try:
+        want = _answers(fresh, [(p, "cards") for p in PROMPTS])
+    finally:
+        fresh.close()
+    engine = Engine(f16_pair["base"], n_seq_max=4, seq_ctx=256, threads=1, adapters={"cards": lora_file})
+    try:
+        first = _answers(engine, [(p, "cards") for p in PROMPTS])  # leaves their KV cached under key k1 + "cards"
+        assert first != want
+        engine.remove_adapter("cards")
+        engine.add_adapter("cards", other)
+        assert _answers(engine, [(p, "cards") for p in PROMPTS]) == want
+    finally:
+        engine.close()
+
+
 def test_gate_scores_the_quantized_base_with_the_adapter_against_its_own_f16_merge(f16_pair, lora_file, tmp_path):
     from appliance.pipeline.gate import Gate
     from appliance.pipeline.quantize import quantize

@@ -157,8 +157,9 @@ class Engine:
         # decodes one group of sequences per adapter, in parallel across lanes and one after the other within a
         # lane (switching its adapter between groups, as llama-server does for per-request LoRA); the weights are
         # shared, each adapter costs only its own tensors.
-        # `_adapters` is written under `_decode_lock` (held by the decode thread for a whole step), so a load or a
-        # free never overlaps a decode; `_retired` (guarded by `_lock`) are removed names still in use.
+        # `_adapters` is written under `_decode_lock` (held by the decode thread for a whole step, and while it
+        # makes a lane's context), so a load or a free never overlaps a decode or a context being made (which
+        # reads the model's adapter set); `_retired` (guarded by `_lock`) are removed names still in use.
         self._decode_lock = threading.Lock()
         self._adapters: dict[str, object] = {}
         self._retired: set[str] = set()
@@ -246,6 +247,8 @@ class Engine:
                 if lane.applied in done:
                     llama_cpp.llama_set_adapters_lora(lane.ctx, None, 0, None)
                     lane.applied = None
+                for name in done:  # its cached prefixes were computed with it: another file may take the name
+                    lane.slots.forget(lambda owner, name=name: owner is not None and owner.endswith(f"\0{name}"))
             for name in done:
                 with self._lock:
                     ptr = self._adapters.pop(name)
@@ -397,7 +400,8 @@ class Engine:
             return
         if len(pending.union(*(lane.groups() for lane in self.lanes))) <= len(self.lanes):
             return
-        ctx = llama_cpp.llama_init_from_model(self.model, self._cparams)
+        with self._decode_lock:  # making a context reads the model's adapter set, which add_adapter writes
+            ctx = llama_cpp.llama_init_from_model(self.model, self._cparams)
         if not ctx:
             self.max_lanes = len(self.lanes)  # no memory for another KV cache: share the lanes there are
             return
@@ -580,7 +584,11 @@ class Engine:
                 self._lane_pool = concurrent.futures.ThreadPoolExecutor(self.max_lanes - 1,
                                                                          thread_name_prefix="bankllm-lane")
             others = [self._lane_pool.submit(llama_cpp.llama_decode, lane.ctx, lane.batch) for lane in lanes[1:]]
-        codes = [llama_cpp.llama_decode(lanes[0].ctx, lanes[0].batch)] + [f.result() for f in others]
+        codes = []
+        try:
+            codes.append(llama_cpp.llama_decode(lanes[0].ctx, lanes[0].batch))
+        finally:  # never leave a decode running on a lane whose sequences the caller may fail and clear
+            codes += [f.result() for f in others]
         bad = [rc for rc in codes if rc != 0]
         if bad:
             raise ServiceError(f"llama_decode returned {bad[0]}")

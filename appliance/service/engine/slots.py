@@ -102,6 +102,12 @@ class SlotTable:
             moves.append((high, low))
         return moves
 
+    def forget(self, owned) -> None:
+        """Drop the cached prefixes of free slots whose owner `owned(owner)` picks (their KV is then never reused)."""
+        for slot in self.free:
+            if owned(self.cached_owner[slot]):
+                self.cached[slot], self.cached_owner[slot] = [], None
+
     def release(self, seq: SlotUser, keep_kv: bool) -> int:
         """Free `seq`'s slot (which keeps its KV as a cached prefix when `keep_kv`); returns the slot, -1 if none."""
         slot = seq.slot
