@@ -342,21 +342,11 @@ class Settings:
 
     def resolved_run_dir(self, env: typing.Mapping[str, str] | None = None) -> Path:
         """run_dir, else $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else <data_dir>/run."""
-        env = os.environ if env is None else env
-        if self.run_dir is not None:
-            return self.run_dir
-        if env.get("RUNTIME_DIRECTORY"):
-            return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
-        return self.data_dir / "run"
+        return _systemd_dir(self.run_dir, "RUNTIME_DIRECTORY", env, self.data_dir / "run")
 
     def resolved_state_dir(self, env: typing.Mapping[str, str] | None = None) -> Path:
         """state_dir, else $STATE_DIRECTORY (systemd's StateDirectory=), else <data_dir>/state."""
-        env = os.environ if env is None else env
-        if self.state_dir is not None:
-            return self.state_dir
-        if env.get("STATE_DIRECTORY"):
-            return Path(env["STATE_DIRECTORY"].split(":")[0])
-        return self.data_dir / "state"
+        return _systemd_dir(self.state_dir, "STATE_DIRECTORY", env, self.data_dir / "state")
 
     @classmethod
     def explain(cls, config: Path | None = None, env: typing.Mapping[str, str] | None = None,
@@ -382,6 +372,17 @@ REDIS_CREDENTIALS = {"redis_password_file": "redis-password", "redis_tls_ca": "r
 
 # TLS settings and the name of the systemd credential (LoadCredential=) that carries each file to the service.
 TLS_CREDENTIALS = {"tls_cert": "tls-cert", "tls_key": "tls-key", "tls_client_ca": "tls-client-ca"}
+
+
+def _systemd_dir(explicit: Path | None, variable: str, env: typing.Mapping[str, str] | None, default: Path) -> Path:
+    """`explicit` if set, else the first directory systemd names in `variable` (RuntimeDirectory=,
+    StateDirectory=...), else `default`."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return explicit
+    if env.get(variable):
+        return Path(env[variable].split(":")[0])
+    return default
 
 
 def is_loopback(host: str) -> bool:

@@ -342,6 +342,17 @@ def _stream(http, model: str, max_tokens: int, log: list) -> None:
                 log.append((time.monotonic(), line[6:]))
 
 
+def _streaming(http, model: str, max_tokens: int) -> tuple[threading.Thread, list]:
+    """Start `_stream` on a thread; return once its first tokens have come (the thread and its growing log)."""
+    log: list = []
+    t = threading.Thread(target=_stream, args=(http, model, max_tokens, log))
+    t.start()
+    deadline = time.monotonic() + 60
+    while len(log) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return t, log
+
+
 def _text(log: list) -> tuple[str, str | None]:
     chunks = [json.loads(x) for _, x in log if x != "[DONE]"]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
@@ -387,24 +398,14 @@ def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup
 
         # The base arriving while `rand` streams decodes in a second lane at the same time: both answers are what
         # they are alone.
-        log: list = []
-        t = threading.Thread(target=_stream, args=(http, "rand", 96, log))
-        t.start()
-        deadline = time.monotonic() + 60
-        while len(log) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        t, log = _streaming(http, "rand", 96)
         assert _answer(http, None) == base
         t.join(120)
         assert _text(log) == (want_rand, "length")
         assert server.metric("bankllm_decode_lanes") == 2
 
         # Hot add while `rand` streams: the stream goes on, its tokens are the ones it has alone.
-        log: list = []
-        t = threading.Thread(target=_stream, args=(http, "rand", 96, log))
-        t.start()
-        deadline = time.monotonic() + 60
-        while len(log) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        t, log = _streaming(http, "rand", 96)
         added = cli("add", "cards", str(src), "--sha256", manifest_sha256(src, "cards"))
         added_at = time.monotonic()
         assert added.returncode == 0, added.stderr
@@ -422,12 +423,7 @@ def test_real_adapters_per_request_hot_add_and_remove_while_streaming(real_setup
         assert "cards" in listed.stdout and "rand" in listed.stdout and "verdict=ship" in listed.stdout
 
         # Remove `rand` while it streams: that stream finishes, new requests get 404.
-        log = []
-        t = threading.Thread(target=_stream, args=(http, "rand", 96, log))
-        t.start()
-        deadline = time.monotonic() + 60
-        while len(log) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        t, log = _streaming(http, "rand", 96)
         removed = cli("remove", "rand")
         removed_at = time.monotonic()
         assert removed.returncode == 0, removed.stderr

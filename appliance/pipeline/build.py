@@ -104,13 +104,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
         inputs["target_answered_accuracy"] = settings.target_answered_accuracy
     if lora is not None and (contract := lora.dir.contract_digests()):
         inputs["adapter_files_sha256"] = contract  # a directory adapter's sha256 covers its weights only
-    digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
-    build_id = digest[:12]
-    out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
-    remove_stale_temps(out_dir.parent)
-    if (existing := _up_to_date(out_dir, digest)) is not None:
-        progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
-        return BuildResult(out_dir, build_id, existing, reused=True)
+    digest, build_id, out_dir, reused = _open_build(settings, inputs, out, progress)
+    if reused is not None:
+        return reused
 
     work = _work_dir(settings, build_id, base_dir)
     steps: list[dict] = []
@@ -239,13 +235,9 @@ def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], 
         "system_prompt": settings.system_prompt, "target_answered_accuracy": settings.target_answered_accuracy,
         "chat_template_sha256": template_record["sha256"], "versions": _versions(),
     }
-    digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
-    build_id = digest[:12]
-    out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
-    remove_stale_temps(out_dir.parent)
-    if (existing := _up_to_date(out_dir, digest)) is not None:
-        progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
-        return BuildResult(out_dir, build_id, existing, reused=True)
+    digest, build_id, out_dir, reused = _open_build(settings, inputs, out, progress)
+    if reused is not None:
+        return reused
 
     work = _work_dir(settings, build_id, base_dir)
     steps: list[dict] = []
@@ -398,6 +390,18 @@ def _work_dir(settings: Settings, build_id: str, base_dir: Path) -> Path:
     base_bytes = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
     require_free_disk(work, int(base_bytes * settings.min_free_disk_factor), "the build's intermediate files")
     return work
+
+
+def _open_build(settings: Settings, inputs: dict, out: Path | None, progress: Progress):
+    """(inputs digest, build id, output directory, the finished build there from the same inputs or None)."""
+    digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
+    build_id = digest[:12]
+    out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
+    remove_stale_temps(out_dir.parent)
+    if (existing := _up_to_date(out_dir, digest)) is None:
+        return digest, build_id, out_dir, None
+    progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
+    return digest, build_id, out_dir, BuildResult(out_dir, build_id, existing, reused=True)
 
 
 def _up_to_date(out_dir: Path, digest: str) -> dict | None:
