@@ -78,11 +78,12 @@ def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], p
 
 
 def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls: int = 40, per_label_chat: int = 6,
-                        oos_copies: int = 3, replay_copies: int = 3) -> Path:
+                        oos_copies: int = 3, replay_copies: int = 3, seed: int = 11) -> Path:
     """Chat JSONL for the assistant stage: classification rows (the training split only), the project's own
     out-of-scope training queries labelled out_of_scope (build/default/oos-train.txt; oos-val.txt never), banking
     questions asked as a plain chat message answered with their intent's approved answer (default facts filled;
-    half with no system prompt, half with the service's), and the base's replayed general answers."""
+    half with no system prompt, half with the service's), and the base's replayed general answers. `seed` picks the
+    rows: another seed gives a later stage other rows of each intent."""
     import random
 
     from appliance.answers import AnswerLibrary, default_answers_file
@@ -92,15 +93,17 @@ def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls
     library = AnswerLibrary.load(default_answers_file(), labels)
     service_prompt = Settings.load().system_prompt
     system = train_rows[0].messages[0]["content"]  # the classify prompt the rows were rendered with
-    rng = random.Random(11)
+    rng = random.Random(seed)
     by_label: dict = {}
     for e in train_rows:
         by_label.setdefault(e.label, []).append(e)
     rows = []
     for label in sorted(by_label):
         picked = rng.sample(by_label[label], min(len(by_label[label]), per_label_cls + per_label_chat))
-        rows.extend({"messages": e.messages} for e in picked[:per_label_cls])
-        for k, e in enumerate(picked[per_label_cls:]):
+        # An intent with fewer rows than asked for still gets a quarter of them as chat rows.
+        n_chat = min(per_label_chat, max(len(picked) - per_label_cls, len(picked) // 4))
+        rows.extend({"messages": e.messages} for e in picked[:len(picked) - n_chat])
+        for k, e in enumerate(picked[len(picked) - n_chat:]):
             msgs = ([{"role": "system", "content": service_prompt}] if k % 2 else []) + [
                 {"role": "user", "content": e.text}, {"role": "assistant", "content": library.answer(label)}]
             rows.append({"messages": msgs})
@@ -137,6 +140,14 @@ def main() -> int:
     p.add_argument("--assistant", action="store_true",
                    help="Assistant stage: continue --init on classification rows, out_of_scope rows and approved "
                         "answers to plain chat questions (see make_assistant_data)")
+    p.add_argument("--rehearsal", type=int, default=0,
+                   help="assistant stage: keep the base's distribution on this many general chats it wrote itself "
+                        "(TrainConfig.rehearsal: KL to the base, every step)")
+    p.add_argument("--rehearsal-kl", type=float, default=1.0, help="assistant stage: the rehearsal KL's weight")
+    p.add_argument("--per-label-cls", type=int, default=40, help="assistant stage: classification rows per intent")
+    p.add_argument("--per-label-chat", type=int, default=6,
+                   help="assistant stage: plain-chat approved-answer rows per intent")
+    p.add_argument("--rows-seed", type=int, default=11, help="assistant stage: the seed that picks each intent's rows")
     p.add_argument("--init", type=Path, default=REPO / ".cache" / "default-adapter-stage1",
                    help="stage 2: the adapter to continue (default: stage 1's, copied from --out on the first run)")
     args = p.parse_args()
@@ -187,10 +198,13 @@ def main() -> int:
         tok = AutoTokenizer.from_pretrained(base)
         train_rows, _, _, _ = prepare(cfg, tok)
         replay_rows = [{"messages": e.messages} for e in base_answers(base, REPO / ".cache", threads=args.threads)]
-        data = make_assistant_data(train_rows, REPO / ".cache" / "assistant-stage.jsonl", replay_rows)
+        data = make_assistant_data(train_rows, REPO / ".cache" / "assistant-stage.jsonl", replay_rows,
+                                   per_label_cls=args.per_label_cls, per_label_chat=args.per_label_chat,
+                                   seed=args.rows_seed)
         labels = labels + ["out_of_scope"]
         cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=args.init, epochs=args.epochs,
                                   val_fraction=0.0, lr=args.lr, max_seq_len=192, replay=False,
+                                  rehearsal=args.rehearsal, rehearsal_kl=args.rehearsal_kl, cache_dir=REPO / ".cache",
                                   checkpoint_dir=REPO / ".cache" / "train-default-assistant-checkpoint")
     try:
         result = train(cfg, resume=args.resume, progress=False)

@@ -116,10 +116,11 @@ def f16_pair(base_dir) -> dict[str, Path]:
 
 
 def run_cli(*args, env=None, netns: bool = False, timeout: float = 900, cwd=None) -> subprocess.CompletedProcess:
-    """Run `bankllm ARGS` in a child process; with netns=True inside a network namespace with no network."""
+    """Run `bankllm ARGS` in a child process; with netns=True inside a network namespace with no network, and
+    under tests/_no_network.py, which also fails the run on any attempt the namespace would only quietly refuse."""
     cmd = [*BANKLLM, *map(str, args)]
     if netns:
-        cmd = ["unshare", "--net", *cmd]
+        cmd = ["unshare", "--net", sys.executable, str(REPO / "tests" / "_no_network.py"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=timeout,
                           cwd=cwd or REPO)
 

@@ -175,3 +175,73 @@ def test_forgetting_check_runs_on_base_and_adapter(interrupted_then_resumed, bas
     assert rep["ok"] == (rep["probes_ok"] and ppl["ok"])
     with pytest.raises(StageError, match="dropped the general-prompt pass rate"):
         require_no_forgetting({"ok": False, "base": {"pass_rate": 0.8}, "fine_tuned": {"pass_rate": 0.5}})
+
+
+def test_self_rehearsal_is_the_bases_own_chats_never_a_probe_and_cached(base_dir, tmp_path):
+    """replay.self_rehearsal: the base writes each question and answers it greedily; no question is a forgetting
+    probe; the cached rows come back without a model (the cache file is the rows)."""
+    from appliance.training.forgetting import overlaps_probe
+    from appliance.training.replay import self_rehearsal
+
+    rows = self_rehearsal(base_dir, tmp_path, n=6, max_new_tokens=24, batch_size=8, threads=2)
+    assert 1 <= len(rows) <= 6
+    questions = [r.messages[0]["content"] for r in rows]
+    assert len(set(questions)) == len(questions)
+    for r in rows:
+        assert [m["role"] for m in r.messages] == ["user", "assistant"] and r.label is None
+        assert r.messages[1]["content"].strip() and not overlaps_probe(r.messages[0]["content"])
+    cache = list(tmp_path.glob("rehearsal-*.json"))
+    assert len(cache) == 1
+    assert [r.messages for r in self_rehearsal(base_dir, tmp_path, n=6, max_new_tokens=24, batch_size=8)] == \
+        json.loads(cache[0].read_text())
+
+
+def test_training_makes_no_network_attempt(tmp_path, base_dir):
+    """Training continued from an adapter whose config names its base by name (as every shipped adapter's does),
+    with a checkpoint each step, under tests/_no_network.py: any name lookup or connect beyond loopback exits 99.
+    peft's checkpoint state dict used to ask the Hub whether that name's config.json exists
+    (save_embedding_layers="auto") and only warned when it could not: a network namespace cannot see such an
+    attempt, this can. The test environment's HF_HUB_OFFLINE is removed: the product must be offline on its own."""
+    import os
+
+    cfg = tiny_config(tmp_path, base_dir)
+    code = (
+        "import tests._no_network as guard; guard.install()\n"
+        "from pathlib import Path\nfrom appliance.training.train import TrainConfig, train\n"
+        f"cfg = TrainConfig(data=Path({str(cfg.data)!r}), labels=Path({str(cfg.labels)!r}), out=Path({str(cfg.out)!r}),"
+        f" base=Path({str(base_dir)!r}), base_name='SmolLM2-135M-Instruct', method='peft', batch_size=8,"
+        " lr=1e-4, val_fraction=0.17, val_limit=4, max_steps=2, checkpoint_every=1, forgetting=False, replay=False,"
+        " threads=1, init_adapter=Path('build/default/adapter'))\n"
+        "train(cfg, progress=False)\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "network attempt" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((cfg.out / "train-report.json").read_text())["steps"] == 2
+
+
+def test_rehearsal_kl_is_zero_for_the_base_and_grows_with_the_adapter(base_dir):
+    """train.rehearsal_kl compares the adapted model with itself with the adapter off: a fresh LoRA (B = 0) is the
+    base (KL 0), a perturbed one is not, and the KL has a gradient into the adapter only."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from appliance.training.train import collate, rehearsal_kl
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    items = [(tok("The bank opens at nine on weekdays.")["input_ids"], 0), (tok("Hello there")["input_ids"], 0)]
+    ids, mask, _ = collate(items, tok.pad_token_id)
+    assert float(rehearsal_kl(model, ids, mask).detach()) < 1e-6
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    kl = rehearsal_kl(model, ids, mask)
+    assert float(kl.detach()) > 1e-3
+    kl.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)

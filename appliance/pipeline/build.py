@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -104,102 +106,104 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
         inputs["target_answered_accuracy"] = settings.target_answered_accuracy
     if lora is not None and (contract := lora.dir.contract_digests()):
         inputs["adapter_files_sha256"] = contract  # a directory adapter's sha256 covers its weights only
-    digest, build_id, out_dir, reused = _open_build(settings, inputs, out, progress)
-    if reused is not None:
-        return reused
+    with _open_build(settings, inputs, out, progress) as (digest, build_id, out_dir, reused):
+        if reused is not None:
+            return reused
 
-    work = _work_dir(settings, build_id, base_dir)
-    steps: list[dict] = []
-    threads = settings.resolved_threads()
+        work = _work_dir(settings, build_id, base_dir)
+        steps: list[dict] = []
+        threads = settings.resolved_threads()
 
-    # 2. Merge into the 16-bit weights.
-    hf_dir = base_dir
-    if lora is not None:
-        merged = work / "merged"
-        with progress.stage("merge adapter into 16-bit base") as rec:
-            if not (merged / "config.json").is_file():
-                merge_adapter(base_info, lora, merged, chat_template=None if base_info.chat_template else template)
-            rec.update(inputs={"base": inputs["base_sha256"], "adapter": lora.sha256},
-                       outputs={"merged": sha256_tree(merged)})
-        steps.append(rec)
-        hf_dir = merged
-    elif not base_info.chat_template:
-        hf_dir = with_chat_template(base_dir, template, work / "templated")
+        # 2. Merge into the 16-bit weights.
+        hf_dir = base_dir
+        if lora is not None:
+            merged = work / "merged"
+            with progress.stage("merge adapter into 16-bit base") as rec:
+                if not (merged / "config.json").is_file():
+                    merge_adapter(base_info, lora, merged, chat_template=None if base_info.chat_template else template)
+                rec.update(inputs={"base": inputs["base_sha256"], "adapter": lora.sha256},
+                           outputs={"merged": sha256_tree(merged)})
+            steps.append(rec)
+            hf_dir = merged
+        elif not base_info.chat_template:
+            hf_dir = with_chat_template(base_dir, template, work / "templated")
 
-    # 3. Convert to f16 GGUF with llama.cpp's converter.
-    f16 = work / "model-f16.gguf"
-    with progress.stage("convert to model-f16.gguf") as rec:
-        if not f16.is_file():
-            convert_to_gguf(hf_dir, f16)
-        rec.update(inputs={"hf_dir": sha256_tree(hf_dir)}, outputs={"model-f16.gguf": sha256_file(f16)},
-                   size_bytes=f16.stat().st_size)
-    steps.append(rec)
-
-    # 4. Quantize and gate, walking up the ladder until a quant passes.
-    with progress.stage("gate: evaluate f16 reference") as rec:
-        gate = Gate(f16, text, settings, work / "gate")
-        rec["detail"] = f"ppl {gate.reference.ppl:.3f} over {gate.reference.tokens_scored} tokens"
-    steps.append(rec)
-    chosen, verdict, tried, warnings = _quantize_and_gate(settings, f16, ladder, gate, work, force, steps, progress)
-
-    # 5. Calibrate the served model's label confidences and choose the assistant's answer threshold, on the
-    #    adapter's own validation split (a classifier adapter that ships one).
-    calibration = None
-    validation = lora.path / VALIDATION_FILE if lora is not None else None
-    if labels and task is not None and validation is not None and validation.is_file():
-        with progress.stage("calibrate confidences and choose the answer threshold") as rec:
-            task, calibration = calibrate(work / chosen["file"], labels, task, validation,
-                                          settings.target_answered_accuracy, threads, plots_to=work / CALIBRATION_FILE)
-            rec["detail"] = (f"temperature {calibration['temperature']}, threshold {calibration['threshold']}: "
-                             f"{calibration['coverage']:.1%} answered at {calibration['answered_accuracy']:.1%} "
-                             f"accuracy, ECE {calibration['ece']}")
+        # 3. Convert to f16 GGUF with llama.cpp's converter.
+        f16 = work / "model-f16.gguf"
+        with progress.stage("convert to model-f16.gguf") as rec:
+            if not f16.is_file():
+                convert_to_gguf(hf_dir, f16)
+            rec.update(inputs={"hf_dir": sha256_tree(hf_dir)}, outputs={"model-f16.gguf": sha256_file(f16)},
+                       size_bytes=f16.stat().st_size)
         steps.append(rec)
 
-    if no_answers:
-        warnings.append(no_answers)
+        # 4. Quantize and gate, walking up the ladder until a quant passes.
+        with progress.stage("gate: evaluate f16 reference") as rec:
+            gate = Gate(f16, text, settings, work / "gate")
+            rec["detail"] = f"ppl {gate.reference.ppl:.3f} over {gate.reference.tokens_scored} tokens"
+        steps.append(rec)
+        chosen, verdict, tried, warnings = _quantize_and_gate(settings, f16, ladder, gate, work, force, steps, progress)
 
-    # 6. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
-    with atomic_dir(out_dir) as tmp:
-        _link_or_copy(work / chosen["file"], tmp / MODEL_FILE)
-        write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
-        outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
-        if labels:
-            write_labels(tmp / LABELS_FILE, labels)
-            outputs[LABELS_FILE] = sha256_file(tmp / LABELS_FILE)
-        if answers is not None:  # the approved answers travel with the model (a bank may still replace them)
-            shutil.copyfile(answers.source, tmp / ANSWERS_FILE)
-            outputs[ANSWERS_FILE] = answers.sha256
-        if calibration is not None:
-            calibration["plots"] = [Path(p).name for p in calibration.get("plots", [])]  # beside it in the build
-            for name in calibration["plots"]:
-                shutil.copyfile(work / name, tmp / name)
-            write_json_atomic(tmp / CALIBRATION_FILE, calibration)
-        if task is not None:  # the service takes its classify prompt, calibration and threshold from here
-            write_task(tmp / TASK_FILE, dataclasses.replace(task, labels=LABELS_FILE if labels else None))
-            outputs[TASK_FILE] = sha256_file(tmp / TASK_FILE)
-        report = {
-            "schema": REPORT_SCHEMA, "build_id": build_id, "inputs_digest": digest,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "bankllm_version": __version__,
-            "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
-            "adapter": lora.as_dict() if lora else None,
-            "chat_template": template_record,
-            "steps": steps,
-            "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"], "n_ctx": settings.gate_n_ctx,
-                     "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
-                     "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
-            "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
-            "warnings": warnings, "labels": {"file": LABELS_FILE, "count": len(labels)} if labels else None,
-            "answers": {"file": ANSWERS_FILE, "source": answers.source, "sha256": answers.sha256,
-                        "intents": len(answers.intents)} if answers is not None else None,
-            "calibration": calibration,
-            "outputs": outputs,
-            "versions": inputs["versions"],
-        }
-        write_report(tmp, report)
-    shutil.rmtree(work, ignore_errors=True)
-    progress.summary(*build_summary(report, out_dir))
-    return BuildResult(out_dir, build_id, report, reused=False)
+        # 5. Calibrate the served model's label confidences and choose the assistant's answer threshold, on the
+        #    adapter's own validation split (a classifier adapter that ships one).
+        calibration = None
+        validation = lora.path / VALIDATION_FILE if lora is not None else None
+        if labels and task is not None and validation is not None and validation.is_file():
+            with progress.stage("calibrate confidences and choose the answer threshold") as rec:
+                task, calibration = calibrate(work / chosen["file"], labels, task, validation,
+                                              settings.target_answered_accuracy, threads,
+                                              plots_to=work / CALIBRATION_FILE)
+                rec["detail"] = (f"temperature {calibration['temperature']}, threshold {calibration['threshold']}: "
+                                 f"{calibration['coverage']:.1%} answered at {calibration['answered_accuracy']:.1%} "
+                                 f"accuracy, ECE {calibration['ece']}")
+            steps.append(rec)
+
+        if no_answers:
+            warnings.append(no_answers)
+
+        # 6. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
+        with atomic_dir(out_dir) as tmp:
+            _link_or_copy(work / chosen["file"], tmp / MODEL_FILE)
+            write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
+            outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
+            if labels:
+                write_labels(tmp / LABELS_FILE, labels)
+                outputs[LABELS_FILE] = sha256_file(tmp / LABELS_FILE)
+            if answers is not None:  # the approved answers travel with the model (a bank may still replace them)
+                shutil.copyfile(answers.source, tmp / ANSWERS_FILE)
+                outputs[ANSWERS_FILE] = answers.sha256
+            if calibration is not None:
+                calibration["plots"] = [Path(p).name for p in calibration.get("plots", [])]  # beside it in the build
+                for name in calibration["plots"]:
+                    shutil.copyfile(work / name, tmp / name)
+                write_json_atomic(tmp / CALIBRATION_FILE, calibration)
+            if task is not None:  # the service takes its classify prompt, calibration and threshold from here
+                write_task(tmp / TASK_FILE, dataclasses.replace(task, labels=LABELS_FILE if labels else None))
+                outputs[TASK_FILE] = sha256_file(tmp / TASK_FILE)
+            report = {
+                "schema": REPORT_SCHEMA, "build_id": build_id, "inputs_digest": digest,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "bankllm_version": __version__,
+                "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
+                "adapter": lora.as_dict() if lora else None,
+                "chat_template": template_record,
+                "steps": steps,
+                "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"],
+                         "n_ctx": settings.gate_n_ctx,
+                         "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
+                         "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
+                "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
+                "warnings": warnings, "labels": {"file": LABELS_FILE, "count": len(labels)} if labels else None,
+                "answers": {"file": ANSWERS_FILE, "source": answers.source, "sha256": answers.sha256,
+                            "intents": len(answers.intents)} if answers is not None else None,
+                "calibration": calibration,
+                "outputs": outputs,
+                "versions": inputs["versions"],
+            }
+            write_report(tmp, report)
+        shutil.rmtree(work, ignore_errors=True)
+        progress.summary(*build_summary(report, out_dir))
+        return BuildResult(out_dir, build_id, report, reused=False)
 
 
 def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], pins: list[str], quant: str = "auto",
@@ -235,61 +239,62 @@ def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], 
         "system_prompt": settings.system_prompt, "target_answered_accuracy": settings.target_answered_accuracy,
         "chat_template_sha256": template_record["sha256"], "versions": _versions(),
     }
-    digest, build_id, out_dir, reused = _open_build(settings, inputs, out, progress)
-    if reused is not None:
-        return reused
+    with _open_build(settings, inputs, out, progress) as (digest, build_id, out_dir, reused):
+        if reused is not None:
+            return reused
 
-    work = _work_dir(settings, build_id, base_dir)
-    steps: list[dict] = []
+        work = _work_dir(settings, build_id, base_dir)
+        steps: list[dict] = []
 
-    # 2. The plain base: convert, quantize and gate against its own f16, as a single build does.
-    with progress.stage("convert base to base-f16.gguf") as rec:
-        f16 = base_f16(base_info, template, work)
-        rec.update(outputs={f16.name: sha256_file(f16)}, size_bytes=f16.stat().st_size)
-    steps.append(rec)
-    with progress.stage("gate: evaluate f16 reference") as rec:
-        gate = Gate(f16, text, settings, work / "gate")
-        rec["detail"] = f"ppl {gate.reference.ppl:.3f} over {gate.reference.tokens_scored} tokens"
-    steps.append(rec)
-    chosen, verdict, tried, warnings = _quantize_and_gate(settings, f16, ladder, gate, work, force, steps, progress)
-    model = work / chosen["file"]
+        # 2. The plain base: convert, quantize and gate against its own f16, as a single build does.
+        with progress.stage("convert base to base-f16.gguf") as rec:
+            f16 = base_f16(base_info, template, work)
+            rec.update(outputs={f16.name: sha256_file(f16)}, size_bytes=f16.stat().st_size)
+        steps.append(rec)
+        with progress.stage("gate: evaluate f16 reference") as rec:
+            gate = Gate(f16, text, settings, work / "gate")
+            rec["detail"] = f"ppl {gate.reference.ppl:.3f} over {gate.reference.tokens_scored} tokens"
+        steps.append(rec)
+        chosen, verdict, tried, warnings = _quantize_and_gate(settings, f16, ladder, gate, work, force, steps, progress)
+        model = work / chosen["file"]
 
-    # 3. Every adapter against that model: GGUF LoRA, its own f16 merge as reference, gate, calibration.
-    base_record = {"build_id": build_id, "model_sha256": chosen["sha256"], "quant": chosen["model"],
-                   "sha256_tree": inputs["base_sha256"], "name": base_info.path.name}
-    built = [build_adapter(settings, item, base_info, template, f16, model, base_record, text, work, progress)
-             for item in items]
-    for b in built:
-        warnings += b.report["warnings"]
-
-    # 4. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
-    with atomic_dir(out_dir) as tmp:
-        _link_or_copy(model, tmp / MODEL_FILE)
-        write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
-        outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
+        # 3. Every adapter against that model: GGUF LoRA, its own f16 merge as reference, gate, calibration.
+        base_record = {"build_id": build_id, "model_sha256": chosen["sha256"], "quant": chosen["model"],
+                       "sha256_tree": inputs["base_sha256"], "name": base_info.path.name}
+        built = [build_adapter(settings, item, base_info, template, f16, model, base_record, text, work, progress)
+                 for item in items]
         for b in built:
-            outputs.update(write_adapter_files(tmp, b, template, settings))
-        report = {
-            "schema": REPORT_SCHEMA, "kind": "multi-adapter", "build_id": build_id, "inputs_digest": digest,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "bankllm_version": __version__,
-            "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
-            "adapter": None,  # nothing merged: model.gguf is the plain base
-            "adapters": {b.item.name: adapter_summary(b) for b in built},
-            "chat_template": template_record,
-            "steps": steps,
-            "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"], "n_ctx": settings.gate_n_ctx,
-                     "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
-                     "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
-            "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
-            "warnings": warnings, "labels": None, "answers": None, "calibration": None,
-            "outputs": outputs,
-            "versions": inputs["versions"],
-        }
-        write_report(tmp, report)
-    shutil.rmtree(work, ignore_errors=True)
-    progress.summary(*build_summary(report, out_dir))
-    return BuildResult(out_dir, build_id, report, reused=False)
+            warnings += b.report["warnings"]
+
+        # 4. Assemble the build directory in a temp dir and rename it into place: nothing half-done is visible.
+        with atomic_dir(out_dir) as tmp:
+            _link_or_copy(model, tmp / MODEL_FILE)
+            write_modelfile(tmp / MODELFILE_FILE, template, settings.system_prompt, settings.seq_ctx)
+            outputs = {MODEL_FILE: chosen["sha256"], MODELFILE_FILE: sha256_file(tmp / MODELFILE_FILE)}
+            for b in built:
+                outputs.update(write_adapter_files(tmp, b, template, settings))
+            report = {
+                "schema": REPORT_SCHEMA, "kind": "multi-adapter", "build_id": build_id, "inputs_digest": digest,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "bankllm_version": __version__,
+                "base": dict(base_info.as_dict(), sha256_tree=inputs["base_sha256"]),
+                "adapter": None,  # nothing merged: model.gguf is the plain base
+                "adapters": {b.item.name: adapter_summary(b) for b in built},
+                "chat_template": template_record,
+                "steps": steps,
+                "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"],
+                         "n_ctx": settings.gate_n_ctx,
+                         "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
+                         "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
+                "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
+                "warnings": warnings, "labels": None, "answers": None, "calibration": None,
+                "outputs": outputs,
+                "versions": inputs["versions"],
+            }
+            write_report(tmp, report)
+        shutil.rmtree(work, ignore_errors=True)
+        progress.summary(*build_summary(report, out_dir))
+        return BuildResult(out_dir, build_id, report, reused=False)
 
 
 @dataclass
@@ -392,16 +397,32 @@ def _work_dir(settings: Settings, build_id: str, base_dir: Path) -> Path:
     return work
 
 
+@contextmanager
 def _open_build(settings: Settings, inputs: dict, out: Path | None, progress: Progress):
-    """(inputs digest, build id, output directory, the finished build there from the same inputs or None)."""
+    """(inputs digest, build id, output directory, the finished build there from the same inputs or None), held
+    under the build's lock until the block ends.
+
+    Two builds of the same inputs share <data dir>/work/<build id> (and its reusable merge), and the first to
+    finish removes it: the second waits for the first, then finds its finished build (or, after a refusal, its
+    reusable files) instead of losing its work dir mid-build. flock is released by the kernel if a build is killed.
+    """
     digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
     build_id = digest[:12]
     out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
-    remove_stale_temps(out_dir.parent)
-    if (existing := _up_to_date(out_dir, digest)) is None:
-        return digest, build_id, out_dir, None
-    progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
-    return digest, build_id, out_dir, BuildResult(out_dir, build_id, existing, reused=True)
+    lock_path = Path(settings.data_dir) / "work" / f"{build_id}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.info(f"[bankllm] another build of the same inputs ({build_id}) is running; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_temps(out_dir.parent)
+        if (existing := _up_to_date(out_dir, digest)) is None:
+            yield digest, build_id, out_dir, None
+            return
+        progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
+        yield digest, build_id, out_dir, BuildResult(out_dir, build_id, existing, reused=True)
 
 
 def _up_to_date(out_dir: Path, digest: str) -> dict | None:

@@ -87,3 +87,89 @@ def mix(train: list[Example], replay: list[Example], share: float = REPLAY_SHARE
     copies = max(1, round(share * len(train) / len(replay)))
     return train + replay * copies, {"rows": len(replay), "copies": copies, "share": share,
                                      "prompts": len(GENERAL_PROMPTS), "source": "the base's greedy answers"}
+
+
+# Openings for self-rehearsal questions: the base writes the rest of each question itself, so the questions follow
+# its own idea of a user turn (what it was tuned on) rather than a list someone wrote. The openings only spread
+# the questions over kinds of request (questions, tasks, arithmetic, lists, translation, yes/no...).
+_OPENINGS = (
+    "What", "How", "Why", "Who", "When", "Where", "Which", "Is", "Are", "Do", "Does", "Can", "Can you", "Could you",
+    "Should I", "Write", "Explain", "List", "Give me", "Tell me", "Describe", "Name", "Calculate", "Translate",
+    "Summarize", "Compare", "Suggest", "Help me", "I need", "I want", "Define", "What is the difference between",
+    "How many", "How do I", "What are", "Rewrite", "Solve", "If", "Please", "Convert",
+)
+
+
+def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, seed: int = 0,
+                   max_new_tokens: int = 96, batch_size: int = 32, threads: int = 0) -> list[Example]:
+    """Self-synthesized rehearsal: `n` general chats written entirely by the base, as chat examples.
+
+    The base samples a user question from an opening word (temperature 0.9), then answers it greedily; training on
+    these keeps the adapter close to the base wherever the base's own chats go, far beyond a fixed list of prompts
+    (Huang et al. 2024, "Mitigating catastrophic forgetting in LLMs with self-synthesized rehearsal"). Questions
+    that did not finish, repeat another, or overlap a forgetting probe (forgetting.overlaps_probe) are dropped, so
+    the forgetting check still measures prompts training never saw. Cached per base and arguments.
+    """
+    args = [sha256_tree(base_dir), _OPENINGS, n, seed, max_new_tokens, batch_size]  # batch_size: the sampling order
+    key = sha256_bytes(json.dumps(args).encode())[:12]
+    cache = Path(cache_dir) / f"rehearsal-{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return [Example(messages=m, line=0, label=None) for m in json.loads(cache.read_text())]
+
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.padding_side = "left"
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    # The user turn's opening as the chat template writes it (the text before the message in a one-turn chat).
+    marker = "\x00"
+    rendered = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    user_prefix = rendered[:rendered.index(marker)]
+    end_ids = {tok.eos_token_id, pad_id}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    questions: list[str] = []
+    seen: set[str] = set()
+    log.info("rehearsal: the base writes %d general chats", n)
+    for _ in range(20 * n // batch_size + 1):  # bounded: a base that rarely finishes a question cannot loop forever
+        if len(questions) >= n:
+            break
+        openings = [rng.choice(_OPENINGS) for _ in range(batch_size)]
+        batch = tok([user_prefix + o for o in openings], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=40, do_sample=True, temperature=0.9, top_p=0.95,
+                                 pad_token_id=pad_id)
+        for opening, ids in zip(openings, out[:, batch["input_ids"].shape[1]:]):
+            if not any(int(t) in end_ids for t in ids):
+                continue  # ran out of tokens: not a finished question
+            q = (opening + tok.decode(ids, skip_special_tokens=True)).strip()
+            norm = " ".join(q.lower().split())
+            if len(q) < 12 or norm in seen or overlaps_probe(q):
+                continue
+            seen.add(norm)
+            questions.append(q)
+    questions = questions[:n]
+    rows = []
+    for i in range(0, len(questions), batch_size):
+        chats = [[{"role": "user", "content": q}] for q in questions[i:i + batch_size]]
+        texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        for chat, ids in zip(chats, out[:, batch["input_ids"].shape[1]:]):
+            answer = tok.decode(ids, skip_special_tokens=True).strip()
+            if not any(int(t) in end_ids for t in ids):  # cut back to the last full sentence
+                cut = max(answer.rfind(". "), answer.rfind(".\n"))
+                answer = answer[:cut + 1] if cut > 0 else ""
+            if answer:
+                rows.append(chat + [{"role": "assistant", "content": answer}])
+        log.info("rehearsal: %d/%d answered", len(rows), len(questions))
+    if cache is not None:
+        write_json_atomic(cache, rows)
+    return [Example(messages=m, line=0, label=None) for m in rows]

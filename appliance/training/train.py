@@ -85,6 +85,12 @@ class TrainConfig:
         "Mix the base's own answers to general prompts into classification data (keeps it answering ordinary "
         "questions)."))
     cache_dir: Path | None = None           # where the replayed answers are cached (per base)
+    # Self-rehearsal by distillation: this many general chats the base writes itself (replay.self_rehearsal);
+    # each step adds rehearsal_kl x KL(base || adapted) over every token of rehearsal_batch of them, so the
+    # adapter keeps the base's whole next-token distribution there, not just its greedy answers (0 = off).
+    rehearsal: int = 0
+    rehearsal_kl: float = 1.0
+    rehearsal_batch: int = 4
     chat_template: str | None = field(default=None, metadata={"help": (
         "For a base without a chat template (a plain pretrained model): chatml, llama3, gemma (also phi3, mistral) "
         "or a Jinja FILE; recorded in the adapter, and `bankllm build` uses it.")})
@@ -203,6 +209,22 @@ def label_loss(model, input_ids, mask, labels):
     # Why not model(labels=...): it computes logits for every position, a fifth of the step on a CPU.
     logits = inner.lm_head(hidden[:, :-1][sel]).float()
     return F.cross_entropy(logits, target[sel])
+
+
+def rehearsal_kl(model, input_ids, mask):
+    """KL(base || adapted) of the next-token distributions at every real token, the base being the same model
+    with the adapter switched off (no gradient). Mean over tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    inner = model.get_base_model()
+    sel = mask.bool()
+    with torch.no_grad(), model.disable_adapter():
+        ref = inner.lm_head(inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[sel])
+        ref = ref.float().log_softmax(-1)
+    hidden = inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    logp = inner.lm_head(hidden[sel]).float().log_softmax(-1)
+    return F.kl_div(logp, ref, log_target=True, reduction="batchmean")
 
 
 def _mean_label_loss(model, items: list[tuple[list[int], int]], pad_id: int, device: str, batch_size: int = 16) -> float:
@@ -351,6 +373,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
                   if len(render_ids(tokenizer, e.messages)[0]) <= cfg.max_seq_len]
         train_set, replay_info = mix(train_set, replay)
     train_tok = tokenize(train_set, tokenizer)
+    rehearsal_tok: list[tuple[list[int], int]] = []
+    if cfg.rehearsal:
+        from .replay import self_rehearsal
+
+        chats = self_rehearsal(cfg.base, cfg.cache_dir, n=cfg.rehearsal, max_new_tokens=64, threads=cfg.threads)
+        rehearsal_tok = [(ids[:cfg.max_seq_len], 0) for ids, _ in tokenize(chats, tokenizer)]
+        replay_info = {**(replay_info or {}), "rehearsal": {"chats": len(rehearsal_tok), "kl_weight": cfg.rehearsal_kl,
+                                                            "per_step": cfg.rehearsal_batch}}
     steps_per_epoch = math.ceil(len(train_tok) / cfg.batch_size)
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     if cfg.max_steps:
@@ -395,6 +425,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
             t0 = time.perf_counter()
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss_t = label_loss(model, input_ids.to(device), mask.to(device), lab.to(device))
+                if rehearsal_tok:
+                    k = len(rehearsal_tok)
+                    r_ids, r_mask, _ = collate([rehearsal_tok[(step * cfg.rehearsal_batch + i) % k]
+                                                for i in range(cfg.rehearsal_batch)], pad_id)
+                    kl_t = rehearsal_kl(model, r_ids.to(device), r_mask.to(device))
+                    state.setdefault("kl", []).append(round(float(kl_t.detach()), 5))
+                    loss_t = loss_t + cfg.rehearsal_kl * kl_t
             loss_t.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
@@ -411,8 +448,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
                 bar.update(1)
             elif step % 10 == 0 or step == total_steps:
-                log.info("step %d/%d loss %.4f (avg10 %.4f) %.0f tok/s", step, total_steps, loss,
-                         sum(state["losses"][-10:]) / len(state["losses"][-10:]), tps)
+                kl = state.get("kl", [])[-10:]
+                log.info("step %d/%d loss %.4f (avg10 %.4f%s) %.0f tok/s", step, total_steps, loss,
+                         sum(state["losses"][-10:]) / len(state["losses"][-10:]),
+                         f", rehearsal KL avg10 {sum(kl) / len(kl):.4f}" if kl else "", tps)
             state["step"] = step
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
             if epoch_done or (cfg.val_every and step % cfg.val_every == 0):
@@ -492,6 +531,7 @@ def _write_output(cfg, model, tokenizer, labels, report, state, method, device, 
         "seconds_per_step": round(state["train_s"] / max(state["step"], 1), 3),
         "peak_memory_mb": round(peak_mb, 1),
         "loss_curve": state["losses"],
+        "rehearsal_kl_curve": state.get("kl"),
         "validation": state["val"],
     }
     plot = _plot_losses(state["losses"], Path(cfg.ckpt_dir()) / "loss.png")
@@ -546,8 +586,10 @@ def _save_checkpoint(ckpt: Path, cfg: TrainConfig, model, opt, sched, state: dic
     from peft import get_peft_model_state_dict
 
     with atomic_dir(ckpt) as tmp:
+        # save_embedding_layers=False, as in save_adapter: "auto" asks the Hub whether the base's config exists.
+        lora = get_peft_model_state_dict(model, save_embedding_layers=False)
         torch.save({"key": cfg.key(), "state": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "lora": get_peft_model_state_dict(model), "torch_rng": torch.get_rng_state()},
+                    "lora": lora, "torch_rng": torch.get_rng_state()},
                    tmp / "trainer_state.pt")
 
 
