@@ -65,6 +65,8 @@ def chat_latency(model: Path, rows: list[tuple[str, str]], openai_n: int) -> tup
                     r.raise_for_status()
                     said = r.json()["choices"][0]["message"]["content"].strip()
                     plain["n"] += 1
+                    if len(plain.setdefault("examples", [])) < 8:
+                        plain["examples"].append({"query": text, "intent": label, "said": said[:200]})
                     plain["bare_labels"] += _is_label(said, labels)
                     plain["approved_for_intent"] += label in answers and said[:60] == answers[label][:60]
                     plain["approved_any"] += any(said[:60] == a[:60] for a in answers.values())
