@@ -13,20 +13,23 @@ import os
 import socket
 import sys
 
-_LOOPBACK = {None, "", "localhost", "127.0.0.1", "::1", b"localhost", b"127.0.0.1", b"::1"}
-
-
 def _loopback_host(host) -> bool:
-    return host in _LOOPBACK or (isinstance(host, str) and host.startswith("127."))
+    if host is None:
+        return True
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    host = host.removeprefix("::ffff:")
+    return host in ("", "localhost", "::1", "0.0.0.0", "::") or host.startswith("127.")
 
 
 def _hook(event: str, args) -> None:
     if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"):
         bad = not _loopback_host(args[0])
-    elif event in ("socket.connect", "socket.sendto"):
+    elif event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
         sock, address = args[0], args[-1]
-        host = address[0] if isinstance(address, tuple) else address
-        bad = sock.family != socket.AF_UNIX and not _loopback_host(host)
+        # Only IP sockets reach a network; a Unix or netlink socket's address is not a host.
+        bad = (sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple)
+               and not _loopback_host(address[0]))
     else:
         return
     if bad:

@@ -245,3 +245,16 @@ def test_rehearsal_kl_is_zero_for_the_base_and_grows_with_the_adapter(base_dir):
     kl.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
+
+
+def test_training_with_rehearsal_records_the_kl_from_zero(tmp_path, base_dir):
+    """train() with rehearsal: the base's chats are written (and cached), every step adds the KL, which starts at 0
+    (a fresh LoRA is the base) and is recorded beside the loss curve."""
+    cfg = tiny_config(tmp_path, base_dir, rehearsal=2, rehearsal_batch=2, max_steps=2, checkpoint_every=1,
+                      cache_dir=tmp_path / "cache")
+    rep = train(cfg, progress=False).report
+    kl = rep["rehearsal_kl_curve"]
+    assert len(kl) == len(rep["loss_curve"]) == 2
+    assert kl[0] < 1e-4 and all(k >= 0 for k in kl)
+    assert 1 <= rep["replay"]["rehearsal"]["chats"] <= 2 and rep["replay"]["rehearsal"]["per_step"] == 2
+    assert list((tmp_path / "cache").glob("rehearsal-*.json"))

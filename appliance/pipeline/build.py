@@ -404,12 +404,14 @@ def _open_build(settings: Settings, inputs: dict, out: Path | None, progress: Pr
 
     Two builds of the same inputs share <data dir>/work/<build id> (and its reusable merge), and the first to
     finish removes it: the second waits for the first, then finds its finished build (or, after a refusal, its
-    reusable files) instead of losing its work dir mid-build. flock is released by the kernel if a build is killed.
+    reusable files) instead of losing its work dir mid-build. The kernel releases the flock if a build is killed.
     """
     digest = sha256_bytes(json.dumps(inputs, sort_keys=True).encode())
     build_id = digest[:12]
     out_dir = Path(out) if out else Path(settings.data_dir) / "builds" / build_id
-    lock_path = Path(settings.data_dir) / "work" / f"{build_id}.lock"
+    # Beside work/, not in it: work/ is empty after every finished build. The file is kept after release (deleting
+    # it would let a third build lock a new file of the same name while the second holds the old one).
+    lock_path = Path(settings.data_dir) / "locks" / f"build-{build_id}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
         try:

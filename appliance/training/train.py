@@ -90,7 +90,7 @@ class TrainConfig:
     # adapter keeps the base's whole next-token distribution there, not just its greedy answers (0 = off).
     rehearsal: int = field(default=0, metadata=_flag(
         "Keep the base's behaviour on N general chats it writes itself: every step adds the KL to the base over "
-        "a few of them (0 = off; 512 cut general-text perplexity drift from +15.9% to +1.0% on the default adapter)."))
+        "a few of them (0 = off; the default adapter's last stage used 512: see README, Forgetting)."))
     rehearsal_kl: float = 1.0
     rehearsal_batch: int = 4
     chat_template: str | None = field(default=None, metadata={"help": (
@@ -101,9 +101,11 @@ class TrainConfig:
         """Hash of the fields that must match for --resume to continue a checkpoint."""
         skip = {"out", "checkpoint_dir", "threads", "checkpoint_every", "snapshot_every", "val_limit", "forgetting",
                 "cache_dir", "val_every"}
-        # An unset chat_template stays out, so keys (and cached adapters) from before the field existed still match.
+        # Fields added later stay out at their defaults (an unset chat_template, rehearsal off), so keys (and cached
+        # adapters, checkpoints) from before they existed still match.
+        later = {"chat_template": None, "rehearsal": 0, "rehearsal_kl": 1.0, "rehearsal_batch": 4}
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
-             if k not in skip and not (k == "chat_template" and v is None)}
+             if k not in skip and not (k in later and v == later[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def ckpt_dir(self) -> Path:
@@ -221,11 +223,16 @@ def rehearsal_kl(model, input_ids, mask):
 
     inner = model.get_base_model()
     sel = mask.bool()
+    # The head in fp32 even under bf16 autocast: a small KL is lost in bf16 rounding.
+    head = inner.lm_head
+    bias = None if head.bias is None else head.bias.float()
     with torch.no_grad(), model.disable_adapter():
-        ref = inner.lm_head(inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[sel])
-        ref = ref.float().log_softmax(-1)
-    hidden = inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    logp = inner.lm_head(hidden[sel]).float().log_softmax(-1)
+        ref_hidden = inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[sel]
+        with torch.autocast(device_type=ref_hidden.device.type, enabled=False):
+            ref = F.linear(ref_hidden.float(), head.weight.float(), bias).log_softmax(-1)
+    hidden = inner.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[sel]
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logp = F.linear(hidden.float(), head.weight.float(), bias).log_softmax(-1)
     return F.kl_div(logp, ref, log_target=True, reduction="batchmean")
 
 
@@ -381,7 +388,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     elif cfg.rehearsal:
         from .replay import self_rehearsal
 
-        chats = self_rehearsal(cfg.base, cfg.cache_dir, n=cfg.rehearsal, max_new_tokens=64, threads=cfg.threads)
+        with torch.random.fork_rng():  # its sampling must not move the LoRA's initialisation off cfg.seed
+            chats = self_rehearsal(cfg.base, cfg.cache_dir, n=cfg.rehearsal, max_new_tokens=64, threads=cfg.threads)
         rehearsal_tok = [(ids[:cfg.max_seq_len], 0) for ids, _ in tokenize(chats, tokenizer)]
         replay_info = {**(replay_info or {}), "rehearsal": {"chats": len(rehearsal_tok), "kl_weight": cfg.rehearsal_kl,
                                                             "per_step": cfg.rehearsal_batch}}
@@ -434,7 +442,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
                     r_ids, r_mask, _ = collate([rehearsal_tok[(step * cfg.rehearsal_batch + i) % k]
                                                 for i in range(cfg.rehearsal_batch)], pad_id)
                     kl_t = rehearsal_kl(model, r_ids.to(device), r_mask.to(device))
-                    state.setdefault("kl", []).append(round(float(kl_t.detach()), 5))
                     loss_t = loss_t + cfg.rehearsal_kl * kl_t
             loss_t.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -444,7 +451,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
             dt = time.perf_counter() - t0
             step += 1
             loss = float(loss_t.detach())
-            state["losses"].append(round(loss, 5))
+            state["losses"].append(round(loss, 5))  # with rehearsal: the label loss plus the weighted KL
+            if rehearsal_tok:
+                state.setdefault("kl", []).append(round(float(kl_t.detach()), 5))
             state["tokens"] += int(mask.sum())
             state["train_s"] += dt
             tps = state["tokens"] / max(state["train_s"], 1e-9)

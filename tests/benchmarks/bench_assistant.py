@@ -47,7 +47,7 @@ def _is_label(text: str, labels: set[str]) -> bool:
     return text.strip().strip(".").lower().replace(" ", "_") in labels
 
 
-def chat_latency(model: Path, rows: list[tuple[str, str]], openai_n: int) -> tuple[dict, dict]:
+def chat_latency(model: Path, rows: list[tuple[str, str]], chat_n: int, openai_n: int) -> tuple[dict, dict]:
     from appliance.answers import AnswerLibrary, default_answers_file
 
     labels = set(json.loads((model / "labels.json").read_text()))
@@ -71,7 +71,7 @@ def chat_latency(model: Path, rows: list[tuple[str, str]], openai_n: int) -> tup
                     plain["approved_for_intent"] += label in answers and said[:60] == answers[label][:60]
                     plain["approved_any"] += any(said[:60] == a[:60] for a in answers.values())
                 c.post("/api/v1/chat", json={"message": "warm up"})
-                for text, _ in rows:
+                for text, _ in rows[:chat_n]:
                     t0 = time.perf_counter()
                     r = c.post("/api/v1/chat", json={"message": text})
                     latencies.append((time.perf_counter() - t0) * 1000)
@@ -80,7 +80,7 @@ def chat_latency(model: Path, rows: list[tuple[str, str]], openai_n: int) -> tup
                     sources[body["source"]] = sources.get(body["source"], 0) + 1
                     bare += body["response"].strip() in labels
     q = statistics.quantiles(latencies, n=10)
-    return ({"n": len(rows), "p50_ms": round(statistics.median(latencies), 1), "p90_ms": round(q[8], 1),
+    return ({"n": len(latencies), "p50_ms": round(statistics.median(latencies), 1), "p90_ms": round(q[8], 1),
              "sources": sources, "bare_labels": bare}, plain)
 
 
@@ -97,8 +97,8 @@ def main() -> int:
 
     ev = evaluate(args.model, args.data, oos=args.oos, threads=args.threads, out=args.json.with_suffix(".eval.json"))
     with open(args.data, newline="") as f:
-        rows = [(r["text"], r["category"]) for r in csv.DictReader(f)][: args.chat_n]
-    chat, plain = chat_latency(args.model, rows, args.openai_n)
+        rows = [(r["text"], r["category"]) for r in csv.DictReader(f)][: max(args.chat_n, args.openai_n)]
+    chat, plain = chat_latency(args.model, rows, args.chat_n, args.openai_n)
     a = ev["assistant"]
     figures = {"accuracy": ev["accuracy"], "answered_accuracy": a["answered_accuracy"], "coverage": a["coverage"],
                "oos_refused": a["out_of_scope"]["refused"], "ece": a["ece"], "chat_p50_ms": chat["p50_ms"],
