@@ -125,13 +125,17 @@ def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, 
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(base_dir)
     tok.padding_side = "left"
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if tok.pad_token is None:  # batched generation pads; a base without a pad token pads with its eos
+        tok.pad_token = tok.eos_token
+    pad_id = tok.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     # The user turn's opening as the chat template writes it (the text before the message in a one-turn chat).
     marker = "\x00"
     rendered = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
     user_prefix = rendered[:rendered.index(marker)]
-    end_ids = {tok.eos_token_id, pad_id}
+    # A turn ends at the tokenizer's eos or any the generation config names (Llama 3's <|eot_id|> is only there).
+    gen_eos = model.generation_config.eos_token_id
+    end_ids = {tok.eos_token_id, pad_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
     rng = random.Random(seed)
     torch.manual_seed(seed)
     questions: list[str] = []

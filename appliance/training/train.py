@@ -390,6 +390,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
 
         with torch.random.fork_rng():  # its sampling must not move the LoRA's initialisation off cfg.seed
             chats = self_rehearsal(cfg.base, cfg.cache_dir, n=cfg.rehearsal, max_new_tokens=64, threads=cfg.threads)
+        if not chats:
+            raise ConfigError("the base wrote no finished general chat to rehearse (--rehearsal)",
+                              "train without --rehearsal, or on a base that ends its chat turns")
         rehearsal_tok = [(ids[:cfg.max_seq_len], 0) for ids, _ in tokenize(chats, tokenizer)]
         replay_info = {**(replay_info or {}), "rehearsal": {"chats": len(rehearsal_tok), "kl_weight": cfg.rehearsal_kl,
                                                             "per_step": cfg.rehearsal_batch}}
