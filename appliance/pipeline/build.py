@@ -188,10 +188,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
                 "adapter": lora.as_dict() if lora else None,
                 "chat_template": template_record,
                 "steps": steps,
-                "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"],
-                         "n_ctx": settings.gate_n_ctx,
-                         "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
-                         "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
+                "gate": _gate_record(settings, inputs, text_path, gate, tried),
                 "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
                 "warnings": warnings, "labels": {"file": LABELS_FILE, "count": len(labels)} if labels else None,
                 "answers": {"file": ANSWERS_FILE, "source": answers.source, "sha256": answers.sha256,
@@ -282,10 +279,7 @@ def run_multi_build(settings: Settings, base: Path | None, adapters: list[str], 
                 "adapters": {b.item.name: adapter_summary(b) for b in built},
                 "chat_template": template_record,
                 "steps": steps,
-                "gate": {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"],
-                         "n_ctx": settings.gate_n_ctx,
-                         "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
-                         "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried},
+                "gate": _gate_record(settings, inputs, text_path, gate, tried),
                 "quant_requested": quant.upper(), "chosen": chosen, "verdict": verdict, "forced": verdict == "forced",
                 "warnings": warnings, "labels": None, "answers": None, "calibration": None,
                 "outputs": outputs,
@@ -425,6 +419,13 @@ def _open_build(settings: Settings, inputs: dict, out: Path | None, progress: Pr
             return
         progress.info(f"[bankllm] build {build_id} is up to date in {out_dir}")
         yield digest, build_id, out_dir, BuildResult(out_dir, build_id, existing, reused=True)
+
+
+def _gate_record(settings: Settings, inputs: dict, text_path: Path, gate: Gate, tried: list[dict]) -> dict:
+    """The build report's "gate": the text, its reference perplexity and every quant tried against it."""
+    return {"text": str(text_path), "text_sha256": inputs["gate_text_sha256"], "n_ctx": settings.gate_n_ctx,
+            "chunks": len(gate.chunks), "tokens_scored": gate.reference.tokens_scored,
+            "thresholds": inputs["thresholds"], "f16": gate.reference.as_dict(), "candidates": tried}
 
 
 def _up_to_date(out_dir: Path, digest: str) -> dict | None:

@@ -51,33 +51,59 @@ def base_answers(base_dir: Path, cache_dir: Path | None = None, max_new_tokens: 
     if cache is not None and cache.is_file():
         return [Example(messages=m, line=0, label=None) for m in json.loads(cache.read_text())]
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if threads > 0:
-        torch.set_num_threads(threads)
     log.info("replay: the base's own answers to %d general prompts", len(GENERAL_PROMPTS))
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.padding_side = "left"  # batched generation continues every row from its own last token
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    chats = [[{"role": "user", "content": p}] for p in GENERAL_PROMPTS]
-    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-    rows = []
-    for chat, ids in zip(chats, out[:, batch["input_ids"].shape[1]:]):
-        answer = tok.decode(ids, skip_special_tokens=True).strip()
-        finished = bool((ids == tok.eos_token_id).any() or (ids == pad_id).any())
-        if not finished:  # cut an answer that ran out of tokens back to its last full sentence
-            cut = max(answer.rfind(". "), answer.rfind(".\n"))
-            answer = answer[:cut + 1] if cut > 0 else ""
-        if answer:
-            rows.append(chat + [{"role": "assistant", "content": answer}])
+    base = _Generator(base_dir, threads)
+    rows = base.answer([[{"role": "user", "content": p}] for p in GENERAL_PROMPTS], max_new_tokens)
     if cache is not None:
         write_json_atomic(cache, rows)
     return [Example(messages=m, line=0, label=None) for m in rows]
+
+
+class _Generator:
+    """The base in fp32 for batched generation: left padding (every row continues from its own last token), a pad
+    token (its eos when it has none), and every token that ends a turn (the tokenizer's eos, the pad, and any the
+    generation config names: Llama 3's <|eot_id|> is only there)."""
+
+    def __init__(self, base_dir: Path, threads: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.tok = AutoTokenizer.from_pretrained(base_dir)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.pad_id = self.tok.pad_token_id
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        gen_eos = self.model.generation_config.eos_token_id
+        self.end_ids = {self.tok.eos_token_id, self.pad_id,
+                        *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+
+    def generate(self, texts: list[str], **kw) -> list[tuple[str, bool]]:
+        """(the new text, whether it ended its turn) for each text, generated as one batch."""
+        import torch
+
+        batch = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, pad_token_id=self.pad_id, **kw)
+        return [(self.tok.decode(ids, skip_special_tokens=True), any(int(t) in self.end_ids for t in ids))
+                for ids in out[:, batch["input_ids"].shape[1]:]]
+
+    def answer(self, chats: list[list[dict]], max_new_tokens: int) -> list[list[dict]]:
+        """Each chat with the base's greedy answer appended; an answer that ran out of tokens is cut back to its
+        last full sentence, and a chat left with no answer is dropped."""
+        texts = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        rows = []
+        for chat, (answer, finished) in zip(chats, self.generate(texts, max_new_tokens=max_new_tokens,
+                                                                 do_sample=False)):
+            answer = answer.strip()
+            if not finished:
+                cut = max(answer.rfind(". "), answer.rfind(".\n"))
+                answer = answer[:cut + 1] if cut > 0 else ""
+            if answer:
+                rows.append(chat + [{"role": "assistant", "content": answer}])
+        return rows
 
 
 def mix(train: list[Example], replay: list[Example], share: float = REPLAY_SHARE) -> tuple[list[Example], dict]:
@@ -119,23 +145,12 @@ def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, 
     import random
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.padding_side = "left"
-    if tok.pad_token is None:  # batched generation pads; a base without a pad token pads with its eos
-        tok.pad_token = tok.eos_token
-    pad_id = tok.pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base = _Generator(base_dir, threads)
     # The user turn's opening as the chat template writes it (the text before the message in a one-turn chat).
     marker = "\x00"
-    rendered = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    rendered = base.tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
     user_prefix = rendered[:rendered.index(marker)]
-    # A turn ends at the tokenizer's eos or any the generation config names (Llama 3's <|eot_id|> is only there).
-    gen_eos = model.generation_config.eos_token_id
-    end_ids = {tok.eos_token_id, pad_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
     rng = random.Random(seed)
     torch.manual_seed(seed)
     questions: list[str] = []
@@ -145,14 +160,12 @@ def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, 
         if len(questions) >= n:
             break
         openings = [rng.choice(_OPENINGS) for _ in range(batch_size)]
-        batch = tok([user_prefix + o for o in openings], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=40, do_sample=True, temperature=0.9, top_p=0.95,
-                                 pad_token_id=pad_id)
-        for opening, ids in zip(openings, out[:, batch["input_ids"].shape[1]:]):
-            if not any(int(t) in end_ids for t in ids):
+        written = base.generate([user_prefix + o for o in openings], max_new_tokens=40, do_sample=True,
+                                temperature=0.9, top_p=0.95)
+        for opening, (text, finished) in zip(openings, written):
+            if not finished:
                 continue  # ran out of tokens: not a finished question
-            q = (opening + tok.decode(ids, skip_special_tokens=True)).strip()
+            q = (opening + text).strip()
             norm = " ".join(q.lower().split())
             if len(q) < 12 or norm in seen or overlaps_probe(q):
                 continue
@@ -161,18 +174,8 @@ def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, 
     questions = questions[:n]
     rows = []
     for i in range(0, len(questions), batch_size):
-        chats = [[{"role": "user", "content": q}] for q in questions[i:i + batch_size]]
-        texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        for chat, ids in zip(chats, out[:, batch["input_ids"].shape[1]:]):
-            answer = tok.decode(ids, skip_special_tokens=True).strip()
-            if not any(int(t) in end_ids for t in ids):  # cut back to the last full sentence
-                cut = max(answer.rfind(". "), answer.rfind(".\n"))
-                answer = answer[:cut + 1] if cut > 0 else ""
-            if answer:
-                rows.append(chat + [{"role": "assistant", "content": answer}])
+        rows.extend(base.answer([[{"role": "user", "content": q}] for q in questions[i:i + batch_size]],
+                                max_new_tokens))
         log.info("rehearsal: %d/%d answered", len(rows), len(questions))
     if cache is not None:
         write_json_atomic(cache, rows)

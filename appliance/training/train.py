@@ -103,9 +103,10 @@ class TrainConfig:
                 "cache_dir", "val_every"}
         # Fields added later stay out at their defaults (an unset chat_template, rehearsal off), so keys (and cached
         # adapters, checkpoints) from before they existed still match.
-        later = {"chat_template": None, "rehearsal": 0, "rehearsal_kl": 1.0, "rehearsal_batch": 4}
+        later = {"chat_template", "rehearsal", "rehearsal_kl", "rehearsal_batch"}
+        defaults = {k: f.default for k, f in self.__dataclass_fields__.items()}
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
-             if k not in skip and not (k in later and v == later[k])}
+             if k not in skip and not (k in later and v == defaults[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def ckpt_dir(self) -> Path:
