@@ -1,6 +1,7 @@
 """Train the shipped default adapter: SmolLM2-135M-Instruct + LoRA on the Banking77 training split.
 
 Usage:  python build/train_default.py [--data ../shared/data/banking77/train.csv] [--epochs 1] [--resume]
+        python build/train_default.py --soup ADAPTER ADAPTER --out DIR   (average two stages; no training)
 
 Writes build/default/adapter/ (PEFT LoRA, labels.json, train-report.json, loss.png), build/default/labels.json
 and build/default/banking77-val.csv (the held-out validation split, for `bankllm eval`). Logs one line per
@@ -150,12 +151,20 @@ def main() -> int:
     p.add_argument("--rows-seed", type=int, default=11, help="assistant stage: the seed that picks each intent's rows")
     p.add_argument("--init", type=Path, default=REPO / ".cache" / "default-adapter-stage1",
                    help="stage 2: the adapter to continue (default: stage 1's, copied from --out on the first run)")
+    p.add_argument("--soup", type=Path, nargs="+", default=None, metavar="ADAPTER",
+                   help="no training: write to --out the equal-weight average of these adapters (a model soup; "
+                        "appliance.training.soup), e.g. two consecutive stages")
     args = p.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     settings = Settings.load()
     base = ensure_default_base(settings.data_dir)
+    if args.soup:
+        from appliance.training.soup import average_adapters
+
+        print(f"done: {average_adapters(base, args.soup, args.out, threads=args.threads)}")
+        return 0
     cfg = TrainConfig(data=args.data, out=args.out, base=base, base_name=DEFAULT_BASE_NAME, labels=args.labels,
                       method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       loraplus_ratio=args.loraplus_ratio, lora_r=args.lora_r, lora_alpha=args.lora_alpha,

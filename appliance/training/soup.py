@@ -1,0 +1,96 @@
+"""Average fine-tuned LoRA adapters of one base into one adapter (a uniform "model soup", Wortsman et al. 2022).
+
+The result's weight delta is exactly the weighted sum of the inputs' deltas (sum_i w_i * B_i A_i * scale_i): peft's
+add_weighted_adapter with combination_type "cat" stacks their ranks (two r=16 adapters give r=32, alpha = r), so
+nothing is approximated. Averaging only makes sense for adapters of the same base, trained for the same task from
+the same start (consecutive stages of one recipe): they must agree on the base, the label set and the system prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..artifacts import LABELS_FILE, TASK_FILE
+from ..errors import InputError
+from ..fsutil import atomic_dir, write_json_atomic
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path.parent}: no {path.name}", f"give {what}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({e})", f"give {what}") from None
+
+
+def check_soupable(adapters: list[Path]) -> dict:
+    """The first adapter's config, after checking every adapter shares its base, targets, labels and prompt."""
+    if len(adapters) < 2:
+        raise InputError("averaging needs at least two adapters", "give two or more adapter directories")
+    first = None
+    for path in adapters:
+        what = "a PEFT LoRA adapter directory written by bankllm train"
+        cfg = _read_json(Path(path) / "adapter_config.json", what)
+        labels = _read_json(Path(path) / LABELS_FILE, what) if (Path(path) / LABELS_FILE).is_file() else None
+        task = _read_json(Path(path) / TASK_FILE, what) if (Path(path) / TASK_FILE).is_file() else {}
+        if cfg.get("peft_type") != "LORA":
+            raise InputError(f"{path}: not a LoRA adapter (peft_type {cfg.get('peft_type')!r})", f"give {what}")
+        key = (cfg.get("base_model_name_or_path"), sorted(cfg.get("target_modules") or []), labels,
+               task.get("system_prompt"))
+        if first is None:
+            first = (cfg, key, path)
+        elif key != first[1]:
+            field = ("base", "target modules", "label set", "system prompt")[
+                next(i for i, (a, b) in enumerate(zip(key, first[1])) if a != b)]
+            raise InputError(f"{path}: its {field} differs from {first[2]}'s; only adapters of one recipe average",
+                             "average stages of the same training recipe")
+    return first[0]
+
+
+def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: list[float] | None = None,
+                     threads: int = 0) -> Path:
+    """Write to `out` (atomically) the adapter whose delta is sum(weights[i] * delta(adapters[i])); equal weights
+    by default. The first adapter's labels, task file and base name travel with it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = [Path(a) for a in adapters]
+    config = check_soupable(adapters)
+    weights = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
+    if len(weights) != len(adapters) or any(w <= 0 for w in weights):
+        raise InputError(f"{len(weights)} weights for {len(adapters)} adapters (each must be > 0)",
+                         "give one positive weight per adapter")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    names = [f"a{i}" for i in range(len(adapters))]
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        model.load_adapter(path, adapter_name=name)
+    model.add_weighted_adapter(names, weights, "soup", combination_type="cat")
+    model.set_adapter("soup")
+    for name in names:
+        model.delete_adapter(name)
+    with atomic_dir(out) as tmp:
+        # save_embedding_layers=False, as in train.save_adapter: "auto" asks the Hub for the base's config.
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        saved = tmp / "soup" if (tmp / "soup").is_dir() else tmp  # peft nests a non-default adapter's files
+        if saved != tmp:
+            for f in saved.iterdir():
+                shutil.move(str(f), tmp / f.name)
+            saved.rmdir()
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = config.get("base_model_name_or_path")
+        write_json_atomic(tmp / "adapter_config.json", cfg)
+        for name in (LABELS_FILE, TASK_FILE):
+            if (adapters[0] / name).is_file():
+                shutil.copy2(adapters[0] / name, tmp / name)
+        (tmp / "README.md").write_text(
+            f"# LoRA adapter for {config.get('base_model_name_or_path')}\n\nThe weighted average (a model soup) of "
+            f"{len(adapters)} adapters of one recipe, weights {weights}: its weight delta is exactly the weighted sum "
+            f"of theirs (ranks concatenated, r={cfg.get('r')}). Written by appliance.training.soup.average_adapters.\n")
+    return out

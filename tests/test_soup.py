@@ -1,0 +1,71 @@
+"""Averaging adapters (appliance.training.soup): the result's delta is exactly the weighted sum of the inputs'
+deltas on the real base, and adapters of different recipes are refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance.errors import InputError
+from appliance.training.soup import average_adapters, check_soupable
+from tests.conftest import make_lora_adapter
+
+
+def _deltas(path):
+    """{module: B @ A * alpha / r} of a saved adapter."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    weights = load_file(path / "adapter_model.safetensors")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    return {k.replace(".lora_A.weight", ""): weights[k.replace("lora_A", "lora_B")] @ weights[k] * scale
+            for k in weights if "lora_A" in k}
+
+
+def _with_task(path, labels, prompt="Classify the banking intent."):
+    (path / "labels.json").write_text(json.dumps(labels))
+    (path / "bankllm-task.json").write_text(json.dumps({"system_prompt": prompt, "labels": "labels.json"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_adapters(base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("soup")
+    labels = ["card_arrival", "top_up_failed"]
+    return [_with_task(make_lora_adapter(base_dir, root / f"a{i}", seed=i, rank=4), labels) for i in (1, 2)]
+
+
+@pytest.mark.slow
+def test_soup_delta_is_the_weighted_sum(base_dir, two_adapters, tmp_path):
+    out = average_adapters(base_dir, two_adapters, tmp_path / "soup", weights=[0.25, 0.75])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == "SmolLM2-135M-Instruct"
+    assert json.loads((out / "labels.json").read_text()) == ["card_arrival", "top_up_failed"]
+    assert (out / "bankllm-task.json").is_file() and (out / "README.md").is_file()
+    d1, d2, soup = (_deltas(p) for p in (*two_adapters, out))
+    assert set(soup) == set(d1) and len(soup) == 30 * 7
+    for name, delta in soup.items():
+        expected = 0.25 * d1[name] + 0.75 * d2[name]
+        assert (delta - expected).abs().max() <= 1e-6 * max(expected.abs().max().item(), 1e-6), name
+    # not a copy of either input
+    assert any((soup[k] - d1[k]).abs().max() > 1e-4 for k in soup)
+    assert not list(tmp_path.glob(".soup.*"))  # no temp dir left behind
+
+
+@pytest.mark.slow
+def test_soup_refuses_adapters_of_different_recipes(base_dir, two_adapters, tmp_path):
+    other = make_lora_adapter(base_dir, tmp_path / "other", seed=3, rank=4)
+    _with_task(other, ["card_arrival", "exchange_rate"])
+    with pytest.raises(InputError, match="label set differs"):
+        check_soupable([two_adapters[0], other])
+    _with_task(other, ["card_arrival", "top_up_failed"], prompt="Something else.")
+    with pytest.raises(InputError, match="system prompt differs"):
+        check_soupable([two_adapters[0], other])
+    with pytest.raises(InputError, match="at least two"):
+        check_soupable([two_adapters[0]])
+    with pytest.raises(InputError, match="no adapter_config.json"):
+        check_soupable([two_adapters[0], tmp_path])
+    with pytest.raises(InputError, match="2 weights for 3 adapters"):
+        average_adapters(base_dir, [*two_adapters, two_adapters[0]], tmp_path / "x", weights=[0.5, 0.5])
+    assert not (tmp_path / "x").exists()
