@@ -163,6 +163,9 @@ def main() -> int:
     if args.soup:
         from appliance.training.soup import average_adapters
 
+        if "--out" not in sys.argv:  # the default --out is the shipped adapter, which the average would replace
+            p.error("--soup needs --out DIR")
+
         print(f"done: {average_adapters(base, args.soup, args.out, threads=args.threads)}")
         return 0
     cfg = TrainConfig(data=args.data, out=args.out, base=base, base_name=DEFAULT_BASE_NAME, labels=args.labels,

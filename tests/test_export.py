@@ -122,7 +122,9 @@ def test_launch_kit_parses_and_points_at_the_export(exported):
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
         assert os.access(path, os.X_OK) and "HF_HUB_OFFLINE=1" in path.read_text()
     lora = (exported / "launch" / "serve-lora.sh").read_text()
-    assert '--lora-modules "bankllm-lora=$MODEL_DIR/adapter"' in lora and "--max-lora-rank 16" in lora
+    rank = json.loads((exported / "adapter" / "adapter_config.json").read_text())["r"]
+    assert '--lora-modules "bankllm-lora=$MODEL_DIR/adapter"' in lora
+    assert f"--max-lora-rank {max_lora_rank_for(rank)}" in lora and max_lora_rank_for(rank) >= rank
     assert (exported / "adapter" / "adapter_config.json").is_file() and (exported / "base" / "config.json").is_file()
     # The scripts refuse to start without the API key rather than serve an open endpoint.
     run = subprocess.run(["sh", str(exported / "launch" / "serve-merged.sh")], capture_output=True, text=True,

@@ -23,9 +23,11 @@ def _deltas(path):
             for k in weights if "lora_A" in k}
 
 
-def _with_task(path, labels, prompt="Classify the banking intent."):
+def _with_task(path, labels, prompt="Classify the banking intent.", validation="text,category\nhi,card_arrival\n"):
     (path / "labels.json").write_text(json.dumps(labels))
-    (path / "bankllm-task.json").write_text(json.dumps({"system_prompt": prompt, "labels": "labels.json"}))
+    (path / "bankllm-task.json").write_text(json.dumps({"system_prompt": prompt, "labels": "labels.json",
+                                                         "calibration": {"temperature": 1.3}, "threshold": 0.8}))
+    (path / "validation.csv").write_text(validation)
     return path
 
 
@@ -42,7 +44,11 @@ def test_soup_delta_is_the_weighted_sum(base_dir, two_adapters, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == "SmolLM2-135M-Instruct"
     assert json.loads((out / "labels.json").read_text()) == ["card_arrival", "top_up_failed"]
-    assert (out / "bankllm-task.json").is_file() and (out / "README.md").is_file()
+    assert (out / "validation.csv").read_text() == (two_adapters[0] / "validation.csv").read_text()
+    # one input's calibration and threshold are wrong for the average: dropped, the build fits them again
+    assert json.loads((out / "bankllm-task.json").read_text()) == {"system_prompt": "Classify the banking intent.",
+                                                                    "labels": "labels.json"}
+    assert (out / "README.md").is_file()
     d1, d2, soup = (_deltas(p) for p in (*two_adapters, out))
     assert set(soup) == set(d1) and len(soup) == 30 * 7
     for name, delta in soup.items():
@@ -61,6 +67,14 @@ def test_soup_refuses_adapters_of_different_recipes(base_dir, two_adapters, tmp_
         check_soupable([two_adapters[0], other])
     _with_task(other, ["card_arrival", "top_up_failed"], prompt="Something else.")
     with pytest.raises(InputError, match="system prompt differs"):
+        check_soupable([two_adapters[0], other])
+    _with_task(other, ["card_arrival", "top_up_failed"], validation="text,category\nyo,top_up_failed\n")
+    with pytest.raises(InputError, match="validation.csv differs"):
+        check_soupable([two_adapters[0], other])
+    _with_task(other, ["card_arrival", "top_up_failed"])
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    with pytest.raises(InputError, match="use_rslora is set"):
         check_soupable([two_adapters[0], other])
     with pytest.raises(InputError, match="at least two"):
         check_soupable([two_adapters[0]])

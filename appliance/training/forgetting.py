@@ -19,9 +19,9 @@ Measured (build/default/forgetting-probes.json, general-text.txt; CPU, fp32):
   random LoRA, B ~ N(0, 0.02) (tests' fixture)   71/82 (86.6%)  8.5 pts     29.33       +1.8%
   random LoRA, B ~ N(0, 0.05)                    68/82 (82.9%) 12.2 pts     30.95       +7.4%
   random LoRA, B ~ N(0, 0.10)                    57/82 (69.5%) 25.6 pts     36.81      +27.7%
-  shipped build/default/adapter (stage 2)        57/82 (69.5%) 25.6 pts     42.27      +46.7%
+  default adapter, stage 2 (shipped then)       57/82 (69.5%) 25.6 pts     42.27      +46.7%
   any adapter that answers with a label          <10% (tests/test_forgetting.py)
-The shipped adapter passed the old 10-probe check (60% -> 60%) but has forgotten: it answers 5 of the 82 general
+Stage 2 passed the old 10-probe check (60% -> 60%) but had forgotten: it answers 5 of the 82 general
 questions with a label ("plant_life_and_growth", "get_physical_card"), no longer answers yes/no questions (6/6
 lost), and loses 22 of the base's 78 passes while gaining 1. It fails this check; it is the broken reference.
 The random LoRAs show what each signal sees: at 0.05 the perplexity moves 7% while 10 answers go wrong ("A day is

@@ -3,7 +3,8 @@
 The result's weight delta is exactly the weighted sum of the inputs' deltas (sum_i w_i * B_i A_i * scale_i): peft's
 add_weighted_adapter with combination_type "cat" stacks their ranks (two r=16 adapters give r=32, alpha = r), so
 nothing is approximated. Averaging only makes sense for adapters of the same base, trained for the same task from
-the same start (consecutive stages of one recipe): they must agree on the base, the label set and the system prompt.
+the same start (consecutive stages of one recipe): they must agree on the base, the targets, the label set, the system prompt and
+the validation split (which travels with the result, so the build calibrates the average on it).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..artifacts import LABELS_FILE, TASK_FILE
+from ..artifacts import LABELS_FILE, TASK_FILE, VALIDATION_FILE
 from ..errors import InputError
-from ..fsutil import atomic_dir, write_json_atomic
+from ..fsutil import atomic_dir, sha256_file, write_json_atomic
 
 
 def _read_json(path: Path, what: str):
@@ -27,7 +28,8 @@ def _read_json(path: Path, what: str):
 
 
 def check_soupable(adapters: list[Path]) -> dict:
-    """The first adapter's config, after checking every adapter shares its base, targets, labels and prompt."""
+    """The first adapter's config, after checking every adapter is plain LoRA and shares its base, targets, labels,
+    prompt and validation split."""
     if len(adapters) < 2:
         raise InputError("averaging needs at least two adapters", "give two or more adapter directories")
     first = None
@@ -38,12 +40,19 @@ def check_soupable(adapters: list[Path]) -> dict:
         task = _read_json(Path(path) / TASK_FILE, what) if (Path(path) / TASK_FILE).is_file() else {}
         if cfg.get("peft_type") != "LORA":
             raise InputError(f"{path}: not a LoRA adapter (peft_type {cfg.get('peft_type')!r})", f"give {what}")
+        # The concatenation is exact only for plain LoRA: rsLoRA's scale depends on the rank, DoRA's magnitude
+        # vector and LoRA biases do not add up, and modules_to_save would be taken from one input only.
+        for flag in ("use_rslora", "use_dora", "lora_bias", "modules_to_save"):
+            if cfg.get(flag):
+                raise InputError(f"{path}: {flag} is set; only plain LoRA adapters average exactly",
+                                 "average adapters trained as plain LoRA (bankllm train's default)")
+        validation = Path(path) / VALIDATION_FILE
         key = (cfg.get("base_model_name_or_path"), sorted(cfg.get("target_modules") or []), labels,
-               task.get("system_prompt"))
+               task.get("system_prompt"), sha256_file(validation) if validation.is_file() else None)
         if first is None:
             first = (cfg, key, path)
         elif key != first[1]:
-            field = ("base", "target modules", "label set", "system prompt")[
+            field = ("base", "target modules", "label set", "system prompt", VALIDATION_FILE)[
                 next(i for i, (a, b) in enumerate(zip(key, first[1])) if a != b)]
             raise InputError(f"{path}: its {field} differs from {first[2]}'s; only adapters of one recipe average",
                              "average stages of the same training recipe")
@@ -86,9 +95,14 @@ def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: l
         cfg = json.loads((tmp / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = config.get("base_model_name_or_path")
         write_json_atomic(tmp / "adapter_config.json", cfg)
-        for name in (LABELS_FILE, TASK_FILE):
+        for name in (LABELS_FILE, VALIDATION_FILE):  # the same in every input (check_soupable)
             if (adapters[0] / name).is_file():
                 shutil.copy2(adapters[0] / name, tmp / name)
+        if (adapters[0] / TASK_FILE).is_file():
+            # A calibration or threshold fitted to one input's confidences is wrong for the average: the build
+            # fits them again on the validation split.
+            task = json.loads((adapters[0] / TASK_FILE).read_text())
+            write_json_atomic(tmp / TASK_FILE, {k: v for k, v in task.items() if k not in ("calibration", "threshold")})
         (tmp / "README.md").write_text(
             f"# LoRA adapter for {config.get('base_model_name_or_path')}\n\nThe weighted average (a model soup) of "
             f"{len(adapters)} adapters of one recipe, weights {weights}: its weight delta is exactly the weighted sum "
