@@ -122,7 +122,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "banking77" / "train.csv")
     p.add_argument("--labels", type=Path, default=REPO.parent / "shared" / "data" / "banking77" / "categories.json")
-    p.add_argument("--out", type=Path, default=DEFAULT_DIR / "adapter")
+    p.add_argument("--out", type=Path, default=None, help="default: build/default/adapter (required with --soup)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -155,18 +155,23 @@ def main() -> int:
                    help="no training: write to --out the equal-weight average of these adapters (a model soup; "
                         "appliance.training.soup), e.g. two consecutive stages")
     args = p.parse_args()
+    if args.soup and args.out is None:  # the default --out is the shipped adapter, which the average would replace
+        p.error("--soup needs --out DIR")
+    args.out = args.out or DEFAULT_DIR / "adapter"
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     settings = Settings.load()
     base = ensure_default_base(settings.data_dir)
     if args.soup:
+        from appliance.errors import BankllmError, format_error
         from appliance.training.soup import average_adapters
 
-        if "--out" not in sys.argv:  # the default --out is the shipped adapter, which the average would replace
-            p.error("--soup needs --out DIR")
-
-        print(f"done: {average_adapters(base, args.soup, args.out, threads=args.threads)}")
+        try:
+            print(f"done: {average_adapters(base, args.soup, args.out, threads=args.threads)}")
+        except BankllmError as err:
+            print(format_error(err), file=sys.stderr)
+            return err.exit_code
         return 0
     cfg = TrainConfig(data=args.data, out=args.out, base=base, base_name=DEFAULT_BASE_NAME, labels=args.labels,
                       method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -9,22 +9,14 @@ the validation split (which travels with the result, so the build calibrates the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
-from ..artifacts import LABELS_FILE, TASK_FILE, VALIDATION_FILE
+from ..artifacts import ADAPTER_CONFIG, TASK_FILE, VALIDATION_FILE, AdapterDir, write_task
 from ..errors import InputError
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path.parent}: no {path.name}", f"give {what}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: unreadable ({e})", f"give {what}") from None
 
 
 def check_soupable(adapters: list[Path]) -> dict:
@@ -34,21 +26,17 @@ def check_soupable(adapters: list[Path]) -> dict:
         raise InputError("averaging needs at least two adapters", "give two or more adapter directories")
     first = None
     for path in adapters:
-        what = "a PEFT LoRA adapter directory written by bankllm train"
-        cfg = _read_json(Path(path) / "adapter_config.json", what)
-        labels = _read_json(Path(path) / LABELS_FILE, what) if (Path(path) / LABELS_FILE).is_file() else None
-        task = _read_json(Path(path) / TASK_FILE, what) if (Path(path) / TASK_FILE).is_file() else {}
-        if cfg.get("peft_type") != "LORA":
-            raise InputError(f"{path}: not a LoRA adapter (peft_type {cfg.get('peft_type')!r})", f"give {what}")
+        adapter = AdapterDir(path)
+        cfg = adapter.config()  # a one-line InputError when missing, not JSON or not LoRA
         # The concatenation is exact only for plain LoRA: rsLoRA's scale depends on the rank, DoRA's magnitude
         # vector and LoRA biases do not add up, and modules_to_save would be taken from one input only.
         for flag in ("use_rslora", "use_dora", "lora_bias", "modules_to_save"):
             if cfg.get(flag):
                 raise InputError(f"{path}: {flag} is set; only plain LoRA adapters average exactly",
                                  "average adapters trained as plain LoRA (bankllm train's default)")
-        validation = Path(path) / VALIDATION_FILE
-        key = (cfg.get("base_model_name_or_path"), sorted(cfg.get("target_modules") or []), labels,
-               task.get("system_prompt"), sha256_file(validation) if validation.is_file() else None)
+        validation = adapter.path / VALIDATION_FILE
+        key = (cfg.get("base_model_name_or_path"), sorted(cfg.get("target_modules") or []), adapter.labels(),
+               adapter.system_prompt(), sha256_file(validation) if validation.is_file() else None)
         if first is None:
             first = (cfg, key, path)
         elif key != first[1]:
@@ -62,7 +50,8 @@ def check_soupable(adapters: list[Path]) -> dict:
 def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: list[float] | None = None,
                      threads: int = 0) -> Path:
     """Write to `out` (atomically) the adapter whose delta is sum(weights[i] * delta(adapters[i])); equal weights
-    by default. The first adapter's labels, task file and base name travel with it."""
+    by default. The first adapter's labels, task file (without calibration and threshold), validation split and base
+name travel with it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -92,17 +81,18 @@ def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: l
             for f in saved.iterdir():
                 shutil.move(str(f), tmp / f.name)
             saved.rmdir()
-        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        cfg = json.loads((tmp / ADAPTER_CONFIG).read_text())
         cfg["base_model_name_or_path"] = config.get("base_model_name_or_path")
-        write_json_atomic(tmp / "adapter_config.json", cfg)
-        for name in (LABELS_FILE, VALIDATION_FILE):  # the same in every input (check_soupable)
-            if (adapters[0] / name).is_file():
-                shutil.copy2(adapters[0] / name, tmp / name)
-        if (adapters[0] / TASK_FILE).is_file():
+        write_json_atomic(tmp / ADAPTER_CONFIG, cfg)
+        source = AdapterDir(adapters[0])
+        for path in (source.labels_file, source.path / VALIDATION_FILE):  # the same in every input (check_soupable)
+            if path is not None and path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        task = source.task()
+        if task is not None:
             # A calibration or threshold fitted to one input's confidences is wrong for the average: the build
             # fits them again on the validation split.
-            task = json.loads((adapters[0] / TASK_FILE).read_text())
-            write_json_atomic(tmp / TASK_FILE, {k: v for k, v in task.items() if k not in ("calibration", "threshold")})
+            write_task(tmp / TASK_FILE, dataclasses.replace(task, calibration=None, threshold=None))
         (tmp / "README.md").write_text(
             f"# LoRA adapter for {config.get('base_model_name_or_path')}\n\nThe weighted average (a model soup) of "
             f"{len(adapters)} adapters of one recipe, weights {weights}: its weight delta is exactly the weighted sum "
