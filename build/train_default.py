@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from appliance.artifacts import VALIDATION_FILE  # noqa: E402
 from appliance.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 from appliance.pipeline.base import DEFAULT_BASE_NAME, ensure_default_base  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
@@ -116,6 +117,17 @@ def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls
     rng.shuffle(rows)
     write_text_atomic(dest, "".join(json.dumps(r) + "\n" for r in rows))
     return dest
+
+
+def finish_stage_dir(out: Path, init: Path, labels: list[str], system_prompt: str) -> None:
+    """A continued stage (--stage2, --assistant) trains on chat JSONL: write its label set and task, and carry the
+    split held out at stage 1 on from --init (these stages hold nothing out), so the build calibrates on it and
+    soup.py can average the stage with its --init."""
+    write_json_atomic(out / "labels.json", labels)
+    write_json_atomic(out / "bankllm-task.json", {"system_prompt": system_prompt, "labels": "labels.json"})
+    held_out = init / VALIDATION_FILE
+    if held_out.is_file() and not (out / VALIDATION_FILE).is_file():
+        write_text_atomic(out / VALIDATION_FILE, held_out.read_text())
 
 
 def main() -> int:
@@ -227,9 +239,7 @@ def main() -> int:
         result = train(cfg, resume=args.resume, progress=False)
     finally:
         if (args.stage2 or args.assistant) and (args.out / "adapter_config.json").is_file():
-            # The stage-2 data is chat JSONL: keep the label set and say so.
-            write_json_atomic(args.out / "labels.json", labels)
-            write_json_atomic(args.out / "bankllm-task.json", {"system_prompt": cfg.system_prompt, "labels": "labels.json"})
+            finish_stage_dir(args.out, Path(cfg.init_adapter), labels, cfg.system_prompt)
     print(f"done: {result.out}, validation {result.report['validation']}")
     return 0
 

@@ -83,3 +83,30 @@ def test_soup_refuses_adapters_of_different_recipes(base_dir, two_adapters, tmp_
     with pytest.raises(InputError, match="2 weights for 3 adapters"):
         average_adapters(base_dir, [*two_adapters, two_adapters[0]], tmp_path / "x", weights=[0.5, 0.5])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.fast
+def test_continued_stage_carries_the_held_out_split(tmp_path):
+    """A continued stage of build/train_default.py holds nothing out: it carries --init's validation.csv, so the
+    build calibrates on the split held out at stage 1 and the stage can be averaged with its --init."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("train_default", REPO / "build" / "train_default.py")
+    train_default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_default)
+    init, out = tmp_path / "init", tmp_path / "out"
+    init.mkdir(), out.mkdir()
+    (init / "validation.csv").write_text("text,category\nwhere is my card,card_arrival\n")
+    train_default.finish_stage_dir(out, init, ["card_arrival", "out_of_scope"], "Classify.")
+    assert (out / "validation.csv").read_text() == (init / "validation.csv").read_text()
+    assert json.loads((out / "labels.json").read_text()) == ["card_arrival", "out_of_scope"]
+    assert json.loads((out / "bankllm-task.json").read_text())["system_prompt"] == "Classify."
+    (out / "validation.csv").write_text("text,category\nmine,top_up_failed\n")  # a stage's own split is kept
+    train_default.finish_stage_dir(out, init, ["card_arrival", "out_of_scope"], "Classify.")
+    assert "mine" in (out / "validation.csv").read_text()
+    empty = tmp_path / "no-split"
+    empty.mkdir()
+    train_default.finish_stage_dir(empty, tmp_path / "missing", ["a"], "p")
+    assert not (empty / "validation.csv").exists()
