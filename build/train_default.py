@@ -1,7 +1,7 @@
 """Train the shipped default adapter: SmolLM2-135M-Instruct + LoRA on the Banking77 training split.
 
 Usage:  python build/train_default.py [--data ../shared/data/banking77/train.csv] [--epochs 1] [--resume]
-        python build/train_default.py --soup ADAPTER ADAPTER --out DIR   (average two stages; no training)
+        python build/train_default.py --soup ADAPTER ADAPTER [ADAPTER ...] --out DIR   (average stages; no training)
 
 Writes build/default/adapter/ (PEFT LoRA, labels.json, train-report.json, loss.png), build/default/labels.json
 and build/default/banking77-val.csv (the held-out validation split, for `bankllm eval`). Logs one line per
@@ -165,7 +165,7 @@ def main() -> int:
                    help="stage 2: the adapter to continue (default: stage 1's, copied from --out on the first run)")
     p.add_argument("--soup", type=Path, nargs="+", default=None, metavar="ADAPTER",
                    help="no training: write to --out the equal-weight average of these adapters (a model soup; "
-                        "appliance.training.soup), e.g. two consecutive stages")
+                        "appliance.training.soup), e.g. stages of one recipe")
     args = p.parse_args()
     if args.soup and args.out is None:  # the default --out is the shipped adapter, which the average would replace
         p.error("--soup needs --out DIR")

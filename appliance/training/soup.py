@@ -3,8 +3,8 @@
 The result's weight delta is exactly the weighted sum of the inputs' deltas (sum_i w_i * B_i A_i * scale_i): peft's
 add_weighted_adapter with combination_type "cat" stacks their ranks (two r=16 adapters give r=32, alpha = r), so
 nothing is approximated. Averaging only makes sense for adapters of the same base, trained for the same task from
-the same start (consecutive stages of one recipe): they must agree on the base, the targets, the label set, the system prompt and
-the validation split (which travels with the result, so the build calibrates the average on it).
+the same start (stages of one recipe): they must agree on the base, the targets, the label set, the system prompt
+and the validation split (which travels with the result, so the build calibrates the average on it).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def check_soupable(adapters: list[Path]) -> dict:
 def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: list[float] | None = None,
                      threads: int = 0) -> Path:
     """Write to `out` (atomically) the adapter whose delta is sum(weights[i] * delta(adapters[i])); equal weights
-    by default. The first adapter's labels, task file (without calibration and threshold), validation split and base
-name travel with it."""
+    by default. The first adapter's labels, task file (without calibration and threshold), validation split and
+    base name travel with it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
