@@ -98,6 +98,17 @@ def test_full_queue_is_503_not_a_pile_up(tight):
     ok_after(tight)
 
 
+def _audit_count(log, needle: str) -> int:
+    """Lines holding `needle` in the audit log and its rotated files (a file rotated away mid-read counts later)."""
+    total = 0
+    for path in log.parent.glob(log.name + "*"):
+        try:
+            total += path.read_text().count(needle)
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def test_audit_text_is_masked_when_enabled(tight):
     text = ("card 4111 1111 1111 1111, iban DE89370400440532013000, mail ana.silva@example.com, "
             "phone +44 20 7946 0958, account 12345678")
@@ -122,9 +133,15 @@ def test_audit_text_is_masked_when_enabled(tight):
         assert mark in record["prompt"]
     assert "completion" in record
     # Every line this server wrote (concurrent requests of the earlier tests too) chains, across its rotated files.
+    before = _audit_count(tight.audit_log, '"/v1/models"')
     with tight.http(key=None) as c:
         for _ in range(40):  # cheap lines (401s) to pass the 4 KiB rotation size
             assert c.get("/v1/models").status_code == 401
+    # Lines are written after their responses: a late one can rotate audit.jsonl into a new audit.jsonl.N after the
+    # file list is taken, and verify would rightly see lines missing. Wait until all 40 are on disk.
+    deadline = time.monotonic() + 10
+    while _audit_count(tight.audit_log, '"/v1/models"') < before + 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
     files = sorted(tight.audit_log.parent.glob(tight.audit_log.name + "*"))
     proc = subprocess.run([sys.executable, "-m", "appliance", "audit", "verify", *map(str, files)],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
