@@ -199,6 +199,29 @@ def test_a_missing_or_renamed_rotated_file_is_named(tmp_path):
     assert msg.startswith(f"{tmp_path / 'audit.jsonl.2'} line 1: out of order"), msg
 
 
+def test_a_rotation_after_the_files_were_listed_names_the_file_left_out(tmp_path):
+    """The live log rotates between `ls` and `audit verify`: the new audit.jsonl.N was not given, and the error says
+    which file to add instead of leaving the reader to suspect removed lines; a file given on purpose alone is not
+    named when the chain holds."""
+    path = tmp_path / "audit.jsonl"
+    listed = write_log(path, 20, rotate_bytes=1000)
+    log = AuditLog(path, build_id="build-a", rotate_bytes=1000)  # the service goes on writing and rotates
+    log.open()
+    for i in range(20, 40):
+        log.write({"key_id": "k1", "route": "/v1/chat/completions", "status": 200, "i": i})
+    new = [p for p in files_of(path) if p not in listed]
+    assert new, "the writer should have rotated"
+    with pytest.raises(AuditChainError) as err:
+        verify_chain(listed)
+    assert "removed before it" in err.value.message
+    for p in new:
+        assert str(p) in err.value.fix, err.value.fix
+    assert "run `bankllm audit verify` again with every file" in err.value.fix
+    assert verify_chain(files_of(path)).lines == 40
+    assert verify_chain([p for p in files_of(path) if p.name != "audit.jsonl"]).lines < 40  # a prefix: intact
+    log.close()
+
+
 def test_restart_continues_the_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
     write_log(path, 5)

@@ -320,8 +320,34 @@ def _broken(where: str, what: str) -> AuditChainError:
 
 
 def verify_chain(paths, continued: bool = False, head: str | None = None) -> ChainSummary:
-    """Check every line chains to the one before it; raise AuditChainError naming the first line that does not."""
+    """Check every line chains to the one before it; raise AuditChainError naming the first line that does not.
+    When the chain breaks and files of the same log lie beside the given ones (a rotation between listing the
+    files and reading them moves the live file's lines to a new audit.jsonl.N), the error names them."""
     files = chain_order(paths)
+    try:
+        return _verify(files, continued, head)
+    except AuditChainError as exc:
+        left_out = _siblings_not_given(files)
+        if left_out:
+            raise AuditChainError(exc.message, f"{', '.join(map(str, left_out))} lie(s) beside the files given and "
+                                  "were not verified (rotated while the files were listed?): run `bankllm audit "
+                                  f"verify` again with every file; if it still fails, {exc.fix}") from None
+        raise
+
+
+def _siblings_not_given(files: list[Path]) -> list[Path]:
+    """Files of the same logs as `files` (the live file and its rotated .N) that were not given, listed now."""
+    given = {p.resolve() for p in files}
+    bases = {p.with_name(re.sub(r"\.\d+$", "", p.name)) for p in files}
+    found = []
+    for base in sorted(bases):
+        for p in rotated_files(base) + ([base] if base.is_file() else []):
+            if p.resolve() not in given:
+                found.append(p)
+    return chain_order(found)
+
+
+def _verify(files: list[Path], continued: bool, head: str | None) -> ChainSummary:
     for p in files:
         if not p.is_file():
             raise AuditChainError(f"audit file {p} does not exist", "pass the audit log file(s) to verify")
