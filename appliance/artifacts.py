@@ -22,6 +22,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # adapter directory: peft's LoRA configu
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # adapter directory: the LoRA tensors
 VALIDATION_FILE = "validation.csv"  # adapter directory: its held-out text,category split (calibration, threshold)
 CALIBRATION_FILE = "calibration.json"  # build directory: the calibration's figures (beside its PNG plots)
+EXEMPLARS_CSV = "exemplars.csv"  # adapter directory: text,category examples (its training rows) for the exemplar vote
+EXEMPLARS_FILE = "exemplars.npz"  # build directory: those examples' hidden states through the served model
 SIGNATURE_FILE = "bankllm-build.sig"  # build directory: ed25519 signature over every other file (appliance/signing.py)
 
 # The prompt an adapter without a task file was trained with (bankllm's training default). Short on purpose:
@@ -217,7 +219,7 @@ class _TaskDir:
 
     def contract_digests(self) -> dict[str, str]:
         """sha256 of the task and label files present (they change what a build ships)."""
-        files = [self.task_file, self.labels_file, self.path / VALIDATION_FILE]
+        files = [self.task_file, self.labels_file, self.path / VALIDATION_FILE, self.path / EXEMPLARS_CSV]
         return {p.name: sha256_file(p) for p in files if p is not None and p.is_file()}
 
 

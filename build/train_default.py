@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.artifacts import VALIDATION_FILE  # noqa: E402
+from appliance.artifacts import EXEMPLARS_CSV, VALIDATION_FILE  # noqa: E402
 from appliance.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 from appliance.pipeline.base import DEFAULT_BASE_NAME, ensure_default_base  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
@@ -122,12 +122,13 @@ def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls
 def finish_stage_dir(out: Path, init: Path, labels: list[str], system_prompt: str) -> None:
     """A continued stage (--stage2, --assistant) trains on chat JSONL: write its label set and task, and carry the
     split held out at stage 1 on from --init (these stages hold nothing out), so the build calibrates on it and
-    soup.py can average the stage with its --init."""
+    soup.py can average the stage with its --init; and --init's exemplars (the labelled training rows the build
+    encodes for the exemplar vote)."""
     write_json_atomic(out / "labels.json", labels)
     write_json_atomic(out / "bankllm-task.json", {"system_prompt": system_prompt, "labels": "labels.json"})
-    held_out = init / VALIDATION_FILE
-    if held_out.is_file() and not (out / VALIDATION_FILE).is_file():
-        write_text_atomic(out / VALIDATION_FILE, held_out.read_text())
+    for name in (VALIDATION_FILE, EXEMPLARS_CSV):
+        if (init / name).is_file() and not (out / name).is_file():
+            write_text_atomic(out / name, (init / name).read_text())
 
 
 def main() -> int:

@@ -14,14 +14,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .. import __version__
-from ..artifacts import (ANSWERS_FILE, CALIBRATION_FILE, LABELS_FILE, MODEL_FILE, MODELFILE_FILE, REPORT_SCHEMA,
-                         TASK_FILE, VALIDATION_FILE, BuildDir, adapter_names, check_adapter_name, read_adapter_report,
-                         read_report, write_labels, write_report, write_task)
+from ..artifacts import (ANSWERS_FILE, CALIBRATION_FILE, EXEMPLARS_CSV, EXEMPLARS_FILE, LABELS_FILE, MODEL_FILE,
+                         MODELFILE_FILE, REPORT_SCHEMA, TASK_FILE, VALIDATION_FILE, BuildDir, adapter_names,
+                         check_adapter_name, read_adapter_report, read_report, write_labels, write_report, write_task)
 from ..errors import AdapterMismatchError, ConfigError, GateRefusedError, InputError
 from ..fsutil import (atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree,
                       write_json_atomic)
 from ..resources import default_adapter_dir, default_gate_text
+from ..service.exemplars import read_exemplar_rows
 from ..settings import Settings
+from ..training import serving_eval
 from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapter
 from .adapters import (answers_for, base_f16, build_adapter, parse_adapter_specs, prepare_adapters, split_spec,
                        write_adapter_files)
@@ -86,6 +88,10 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
     task = lora.task if lora else None
     # A classifier's build carries the approved answers it will serve: checked against its labels now.
     answers, no_answers = answers_for(settings, labels)
+    # And its exemplar vote, when the adapter ships its examples (exemplars.csv): read and checked now.
+    exemplar_rows = None
+    if labels and task is not None and lora is not None and (lora.path / EXEMPLARS_CSV).is_file():
+        exemplar_rows = read_exemplar_rows(lora.path / EXEMPLARS_CSV, labels)
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -146,13 +152,23 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
 
         # 5. Calibrate the served model's label confidences and choose the assistant's answer threshold, on the
         #    adapter's own validation split (a classifier adapter that ships one).
+        #    With the adapter's exemplars, first their hidden states through the same GGUF (the vote's index).
+        exemplars = None
+        if exemplar_rows is not None:
+            with progress.stage(f"encode {len(exemplar_rows[0])} exemplars for the vote") as rec:
+                exemplars = serving_eval.encode_exemplars(work / chosen["file"], labels, task.system_prompt,
+                                                          *exemplar_rows, threads=threads)
+                exemplars.save(work / EXEMPLARS_FILE)
+                rec.update(inputs={EXEMPLARS_CSV: sha256_file(lora.path / EXEMPLARS_CSV)},
+                           outputs={EXEMPLARS_FILE: sha256_file(work / EXEMPLARS_FILE)})
+            steps.append(rec)
         calibration = None
         validation = lora.path / VALIDATION_FILE if lora is not None else None
         if labels and task is not None and validation is not None and validation.is_file():
             with progress.stage("calibrate confidences and choose the answer threshold") as rec:
                 task, calibration = calibrate(work / chosen["file"], labels, task, validation,
                                               settings.target_answered_accuracy, threads,
-                                              plots_to=work / CALIBRATION_FILE)
+                                              plots_to=work / CALIBRATION_FILE, exemplars=exemplars)
                 rec["detail"] = (f"temperature {calibration['temperature']}, threshold {calibration['threshold']}: "
                                  f"{calibration['coverage']:.1%} answered at {calibration['answered_accuracy']:.1%} "
                                  f"accuracy, ECE {calibration['ece']}")
@@ -172,6 +188,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
             if answers is not None:  # the approved answers travel with the model (a bank may still replace them)
                 shutil.copyfile(answers.source, tmp / ANSWERS_FILE)
                 outputs[ANSWERS_FILE] = answers.sha256
+            if exemplars is not None:  # the vote's index serves beside the model (service.load_exemplars)
+                shutil.copyfile(work / EXEMPLARS_FILE, tmp / EXEMPLARS_FILE)
+                outputs[EXEMPLARS_FILE] = sha256_file(tmp / EXEMPLARS_FILE)
             if calibration is not None:
                 calibration["plots"] = [Path(p).name for p in calibration.get("plots", [])]  # beside it in the build
                 for name in calibration["plots"]:
@@ -194,6 +213,9 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
                 "answers": {"file": ANSWERS_FILE, "source": answers.source, "sha256": answers.sha256,
                             "intents": len(answers.intents)} if answers is not None else None,
                 "calibration": calibration,
+                "exemplars": {"file": EXEMPLARS_FILE, "rows": len(exemplars.label_ids),
+                              "labels": len(exemplars.labels), "source_sha256": sha256_file(lora.path / EXEMPLARS_CSV)}
+                if exemplars is not None else None,
                 "outputs": outputs,
                 "versions": inputs["versions"],
             }

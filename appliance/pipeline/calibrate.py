@@ -26,13 +26,15 @@ def read_validation(path: Path, labels: list[str]) -> tuple[list[str], list[str]
 
 
 def calibrate(gguf: Path, labels: list[str], task: Task, validation: Path, target_accuracy: float,
-              threads: int, plots_to: Path | None = None, lora: Path | None = None) -> tuple[Task, dict]:
-    """The task with calibration (temperature) and threshold fitted, and the figures that justify them."""
+              threads: int, plots_to: Path | None = None, lora: Path | None = None,
+              exemplars=None) -> tuple[Task, dict]:
+    """The task with calibration (temperature) and threshold fitted, and the figures that justify them (with
+    `exemplars`, for the label and confidence the service answers with: the averaged readings')."""
     texts, gold = read_validation(validation, labels)
-    rows = serving_eval.label_texts(gguf, labels, task.system_prompt, texts, threads=threads, lora=lora)
+    rows = serving_eval.label_texts(gguf, labels, task.system_prompt, texts, threads=threads, lora=lora,
+                                    exemplars=exemplars)
     figures = serving_eval.assistant_figures(gold, rows, 1.0, None, target_accuracy, fit=True, plots_to=plots_to)
-    accuracy = sum(r.label == g for r, g in zip(rows, gold)) / len(gold)
-    figures = {"validation_rows": len(gold), "accuracy": round(accuracy, 4), **figures}
+    figures = {"validation_rows": len(gold), "accuracy": figures.pop("accuracy"), **figures}
     fitted = dataclasses.replace(task, calibration=Calibration(temperature=figures["temperature"]),
                                  threshold=figures["threshold"])
     return fitted, figures

@@ -94,6 +94,7 @@ class ServedModel:
     manifest: str | None = None
     gguf: Path | None = None
     labeler: object | None = None  # made once the engine has a vocabulary
+    exemplars: object | None = None  # exemplars.Exemplars: the vote beside the label (the base's, from its build)
 
     def __post_init__(self):
         self.label_set = set(self.labels)

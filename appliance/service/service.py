@@ -20,6 +20,7 @@ from .keys import KeyStore
 from .adapters import AdapterStore, ServedModel, adapter_model, build_adapters, check_adapter, manifest_sha256
 from .metrics import Metrics
 from .model import resolve_model
+from .exemplars import EXEMPLARS_FILE, Exemplars, HiddenState
 from .labeling import Labeler
 from .prompting import ChatTemplate
 from .state import open_state
@@ -43,6 +44,13 @@ def load_answers(settings: Settings, files):
     if path is None and files.build_dir is not None and (files.build_dir / ANSWERS_FILE).is_file():
         path = files.build_dir / ANSWERS_FILE
     return answers_for(files.labels, path, settings.bank_facts)
+
+
+def load_exemplars(files) -> Exemplars | None:
+    """The build's exemplar vote (checked against the model's labels), None when the build has none."""
+    if not files.labels or files.build_dir is None or not (files.build_dir / EXEMPLARS_FILE).is_file():
+        return None
+    return Exemplars.load(files.build_dir / EXEMPLARS_FILE, files.labels)
 
 
 def answers_for(labels: list[str], path: Path | None, bank_facts):
@@ -128,6 +136,7 @@ class Service:
         # calibration, threshold, prompt and answers. Routes pick one per request (model()).
         self.base = ServedModel(settings.model_name, None, "base", self.files.labels, self.files.system_prompt,
                                 calibration.get("temperature", 1.0), threshold, answers)
+        self.base.exemplars = load_exemplars(self.files)  # refused here too, before the model loads
         self.models: dict[str, ServedModel] = {self.base.id: self.base}
         self.adapter_store = AdapterStore(settings.resolved_state_dir())
         self._base_sha256: str | None = None
@@ -228,7 +237,11 @@ class Service:
 
     def _make_labeler(self, model: ServedModel) -> None:
         if model.labels:
-            model.labeler = Labeler(self.engine, self.template, model.labels, model.system_prompt, model.temperature)
+            hidden = None
+            if model.exemplars is not None and hasattr(self.engine, "n_vocab"):  # a real model's logits
+                hidden = HiddenState(self.files.gguf, self.engine.n_vocab)
+            model.labeler = Labeler(self.engine, self.template, model.labels, model.system_prompt, model.temperature,
+                                    model.exemplars, hidden)
 
     async def warm_up(self) -> None:
         """Answer one token before declaring ready."""
@@ -326,6 +339,7 @@ class Service:
             for h in handles:
                 h.cancel()
             raise
+        results = [model.labeler.decide(done) for done in results]
         for text, done in zip(texts, results):
             self.account(record, done, None if rank else text)  # a ranking re-reads a text already recorded
             if done.text not in model.label_set:  # the label trie makes this impossible; refuse rather than invent

@@ -185,6 +185,7 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
     progress = Progress()
     extra: dict = {}
     if target.kind == "gguf":
+        from ..service.exemplars import EXEMPLARS_FILE, Exemplars
         from . import serving_eval
 
         task = target.artifacts.task() if target.artifacts else None
@@ -195,9 +196,12 @@ def evaluate(model: Path, data: Path, labels_file: Path | None = None, adapter: 
             queries = [q.strip() for q in Path(oos).read_text(encoding="utf-8").splitlines() if q.strip()]
             if not queries:
                 raise DataError(f"out-of-scope file {oos} has no queries", "write one query a line")
+        exemplars = None  # the build's exemplar vote, as the service loads it
+        if target.artifacts is not None and (target.artifacts.path / EXEMPLARS_FILE).is_file():
+            exemplars = Exemplars.load(target.artifacts.path / EXEMPLARS_FILE, labels)
         with progress.stage(f"classify {len(texts) + len(queries)} rows with {target.model_file.name}"):
             labelled = serving_eval.label_texts(target.model_file, labels, system_prompt, texts + queries,
-                                                threads=threads, temperature=temperature)
+                                                threads=threads, temperature=temperature, exemplars=exemplars)
         rows, oos_rows = labelled[:len(texts)], (labelled[len(texts):] if oos is not None else None)
         preds = [r.label for r in rows]
         if keep_rows:

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..artifacts import ADAPTER_CONFIG, TASK_FILE, VALIDATION_FILE, AdapterDir, write_task
+from ..artifacts import ADAPTER_CONFIG, EXEMPLARS_CSV, TASK_FILE, VALIDATION_FILE, AdapterDir, write_task
 from ..errors import InputError
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic
 
@@ -85,7 +85,8 @@ def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: l
         cfg["base_model_name_or_path"] = config.get("base_model_name_or_path")
         write_json_atomic(tmp / ADAPTER_CONFIG, cfg)
         source = AdapterDir(adapters[0])
-        for path in (source.labels_file, source.path / VALIDATION_FILE):  # the same in every input (check_soupable)
+        # Labels and validation split are the same in every input (check_soupable); the first's exemplars serve.
+        for path in (source.labels_file, source.path / VALIDATION_FILE, source.path / EXEMPLARS_CSV):
             if path is not None and path.is_file():
                 shutil.copy2(path, tmp / path.name)
         task = source.task()

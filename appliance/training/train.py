@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import console
-from ..artifacts import LABELS_FILE, TASK_FILE, VALIDATION_FILE
+from ..artifacts import EXEMPLARS_CSV, LABELS_FILE, TASK_FILE, VALIDATION_FILE
 from ..artifacts import TRAIN_REPORT_FILE as REPORT_FILE
 from ..errors import ConfigError, InputError
 from ..fsutil import atomic_dir, sha256_file, sha256_tree, write_json_atomic, write_text_atomic
@@ -372,6 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     require_chat_template(tokenizer, cfg.base)
     train_set, val_set, report, labels = prepare(cfg, tokenizer)
     n_train = len(train_set)
+    exemplar_set = [e for e in train_set if getattr(e, "label", None)] if labels else []  # before any replay rows
     replay_info = None
     if chosen_template is not None and cfg.replay and labels is not None:
         # Replay keeps the base's own chat answers; a base with no chat template has none to keep.
@@ -489,7 +490,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
                 # The output always holds the latest finished epoch: a stopped run still ships something.
                 _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable,
                               total_params, total_steps, steps_per_epoch, n_train, len(val_set), replay_info,
-                              val_set if labels else None)
+                              val_set if labels else None, exemplar_set)
     except KeyboardInterrupt:
         interrupted = True
         _save_checkpoint(ckpt, cfg, model, opt, sched, state)
@@ -511,7 +512,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
 
 
 def _write_output(cfg, model, tokenizer, labels, report, state, method, device, trainable, total_params,
-                  total_steps, steps_per_epoch, n_train, n_val, replay_info=None, val_set=None) -> None:
+                  total_steps, steps_per_epoch, n_train, n_val, replay_info=None, val_set=None,
+                  exemplar_set=None) -> None:
     import torch
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -557,11 +559,14 @@ def _write_output(cfg, model, tokenizer, labels, report, state, method, device, 
         extra["loss.png"] = plot
     if val_set:  # the held-out split travels with the adapter: `bankllm build` calibrates the served model on it
         extra[VALIDATION_FILE] = write_validation_csv(Path(cfg.ckpt_dir()) / VALIDATION_FILE, val_set)
+    if exemplar_set:  # the training rows: `bankllm build` encodes them for the exemplar vote beside the label
+        extra[EXEMPLARS_CSV] = write_validation_csv(Path(cfg.ckpt_dir()) / EXEMPLARS_CSV, exemplar_set)
     save_adapter(model, tokenizer, Path(cfg.out), cfg, labels, extra)
 
 
 def write_validation_csv(path: Path, examples) -> Path:
-    """The validation split as a text,category CSV (what `bankllm eval --data` and the build's calibration read)."""
+    """Examples as a text,category CSV: the validation split (what `bankllm eval --data` and the build's
+    calibration read), and the training rows (exemplars.csv, the build's exemplar vote)."""
     import csv
     import io
 

@@ -27,13 +27,16 @@ class Choices:
 
     `temperature` divides the allowed tokens' logits before renormalising (temperature scaling, a calibration;
     the greedy pick does not change). `alternatives` > 0 explores that many further answers best-first after
-    the greedy one and returns them in Done.candidates."""
+    the greedy one and returns them in Done.candidates. `features`: token ids whose logits after the last
+    prompt token are returned in Done.features (exemplars.py recovers the model's hidden state from them)."""
 
-    def __init__(self, sequences: list[list[int]], temperature: float = 1.0, alternatives: int = 0):
+    def __init__(self, sequences: list[list[int]], temperature: float = 1.0, alternatives: int = 0,
+                 features: "list[int] | None" = None):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, not {temperature}")
         self.temperature = float(temperature)
         self.alternatives = max(0, int(alternatives))
+        self.features = features  # token ids whose logits at the prompt's end come back in Done.features
         self.root: dict = {}
         for seq in sequences:
             node = self.root
@@ -60,6 +63,7 @@ class Done:
     # the greedy answer first, then the alternatives explored, most probable first.
     steps: list[tuple[list[float], int]] | None = None
     candidates: list[tuple[str, float]] | None = None
+    features: object | None = None  # numpy float32: the logits of Choices.features after the prompt's last token
 
 
 def check_fits(seq_ctx: int, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:

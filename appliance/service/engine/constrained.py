@@ -21,6 +21,8 @@ class ChoiceWalk:
         self.eog = eog  # the token that stands for "end of answer" (the trie's None key)
         self.temperature = choices.temperature
         self.budget = choices.alternatives  # further answers still to explore
+        self.feature_tokens = choices.features
+        self.features = None  # the logits of feature_tokens at the first pick (after the prompt's last token)
         self.logprob = 0.0
         self.path: list[int] = []  # tokens of the current answer so far (the end not included)
         self.steps: list[tuple[list[float], int]] = []  # greedy answer: allowed raw logits and the pick, per step
@@ -33,6 +35,11 @@ class ChoiceWalk:
     def allowed(self) -> list[int]:
         """The token ids allowed next, in trie order."""
         return [t if t is not None else self.eog for t in self.node]
+
+    def keep_features(self, logits: np.ndarray) -> None:
+        """At the first pick only: keep a copy of the logits of the feature tokens (when asked for)."""
+        if self.feature_tokens is not None and self.features is None and not self.steps:
+            self.features = np.array(logits[self.feature_tokens], dtype=np.float32)
 
     def pick(self, allowed_logits: np.ndarray) -> int:
         """Take the best allowed token, adding its probability renormalised over the allowed ones; returns it."""

@@ -472,7 +472,7 @@ class Engine:
             return
         candidates = [(self._text_of(path), p) for path, p in walk.candidates()] if walk.found else None
         seq.handle.post(Done(reason, len(seq.tokens), n_completion, stream.text, walk.probability, error,
-                             steps=walk.steps, candidates=candidates))
+                             steps=walk.steps, candidates=candidates, features=walk.features))
 
     def _text_of(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
@@ -629,6 +629,7 @@ class Engine:
         if forced is not None:
             return forced
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(seq.lane.ctx, idx), shape=(self.n_vocab,))
+        seq.walk.keep_features(logits)
         return seq.walk.pick(logits[seq.walk.allowed()])
 
     def _accept(self, seq: _Seq, tok: int) -> None:
