@@ -43,7 +43,12 @@ def test_the_hidden_state_comes_back_from_the_logits(default_build):  # noqa: F8
         every = list(range(engine.n_vocab))
         params = labeler.params()
         params.choices.features = every  # all logits at the first step, to check the recovery against
-        done = asyncio.run(_result(engine.submit(labeler.tokens(SAMPLE[0]), params, "t")))
+        tokens = labeler.tokens(SAMPLE[0])
+
+        async def first_step():
+            return await engine.submit(tokens, params, "t").result()
+
+        done = asyncio.run(first_step())
     finally:
         engine.close()
     logits = done.features
@@ -55,10 +60,6 @@ def test_the_hidden_state_comes_back_from_the_logits(default_build):  # noqa: F8
     predicted = W[unseen] @ h
     assert np.corrcoef(predicted, logits[unseen])[0, 1] > 0.999
     assert np.abs(predicted - logits[unseen]).max() < 0.05 * np.abs(logits).max()
-
-
-async def _result(handle):
-    return await handle.result()
 
 
 def test_the_build_carries_the_exemplar_index(default_build):  # noqa: F811

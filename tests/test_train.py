@@ -110,6 +110,13 @@ def test_train_report_contents(interrupted_then_resumed):
     assert vals and vals[-1]["rows"] == 8 and 0.0 <= vals[-1]["accuracy"] <= 1.0
     assert (cfg.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((cfg.out / "labels.json").read_text()) == TINY_LABELS
+    # The training rows travel with the adapter as its exemplars (the build's exemplar vote), none held out.
+    with open(cfg.out / "exemplars.csv", newline="") as f:
+        exemplars = list(csv.DictReader(f))
+    with open(cfg.out / "validation.csv", newline="") as f:
+        held_out = {r["text"] for r in csv.DictReader(f)}
+    assert len(exemplars) == 40 and {r["category"] for r in exemplars} <= set(TINY_LABELS)
+    assert not held_out & {r["text"] for r in exemplars}
 
 
 def test_adapter_fits_the_base(interrupted_then_resumed, base_dir, tmp_path):
