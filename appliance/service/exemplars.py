@@ -26,6 +26,7 @@ import numpy as np
 
 from ..artifacts import EXEMPLARS_CSV, EXEMPLARS_FILE  # noqa: F401 (the file names live with the others)
 from ..errors import DataError, InputError
+
 FEATURE_STRIDE = 16  # every 16th vocabulary row of W: far more rows than n_embd, well conditioned
 K = 10  # neighbours that vote
 TAU = 0.02  # a neighbour's weight: exp((similarity - best similarity) / TAU)
