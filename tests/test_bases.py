@@ -9,6 +9,7 @@ run on every family's GGUF.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -240,6 +241,11 @@ def test_base_without_chat_template_takes_a_chosen_one(tiny_settings, tmp_path):
     assert mf.parse((result.out_dir / "Modelfile").read_text()).template == mf.family_modelfile("gemma").template
     _generate_one(result.model)
     assert not (plain / "chat_template.jinja").exists()  # the base itself is never written to
+    # The trained adapter's rows became its exemplars, encoded through this small model (vocabulary 512 < 16 x 4 x 64:
+    # the hidden state is recovered from every 2nd output row instead of every 16th).
+    with open(trained / "exemplars.csv", newline="") as f:
+        n_rows = sum(1 for _ in csv.DictReader(f))
+    assert result.report["exemplars"]["rows"] == n_rows > 0 and (result.out_dir / "exemplars.npz").is_file()
 
     # No adapter: --chat-template FILE alone; the base is converted through a linked copy that carries it.
     custom = tmp_path / "my-template.jinja"

@@ -156,11 +156,16 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
         exemplars = None
         if exemplar_rows is not None:
             with progress.stage(f"encode {len(exemplar_rows[0])} exemplars for the vote") as rec:
-                exemplars = serving_eval.encode_exemplars(work / chosen["file"], labels, task.system_prompt,
-                                                          *exemplar_rows, threads=threads)
-                exemplars.save(work / EXEMPLARS_FILE)
-                rec.update(inputs={EXEMPLARS_CSV: sha256_file(lora.path / EXEMPLARS_CSV)},
-                           outputs={EXEMPLARS_FILE: sha256_file(work / EXEMPLARS_FILE)})
+                try:
+                    exemplars = serving_eval.encode_exemplars(work / chosen["file"], labels, task.system_prompt,
+                                                              *exemplar_rows, threads=threads)
+                except InputError as exc:  # a model whose hidden state its logits cannot give back
+                    warnings.append(f"no exemplar vote: {exc.message}")
+                    rec["detail"] = "skipped: " + exc.message
+                else:
+                    exemplars.save(work / EXEMPLARS_FILE)
+                    rec.update(inputs={EXEMPLARS_CSV: sha256_file(lora.path / EXEMPLARS_CSV)},
+                               outputs={EXEMPLARS_FILE: sha256_file(work / EXEMPLARS_FILE)})
             steps.append(rec)
         calibration = None
         validation = lora.path / VALIDATION_FILE if lora is not None else None

@@ -27,7 +27,7 @@ import numpy as np
 from ..artifacts import EXEMPLARS_CSV, EXEMPLARS_FILE  # noqa: F401 (the file names live with the others)
 from ..errors import DataError, InputError
 
-FEATURE_STRIDE = 16  # every 16th vocabulary row of W: far more rows than n_embd, well conditioned
+FEATURE_STRIDE = 16  # every 16th vocabulary row of W (fewer apart for a small vocabulary): >= 4 x n_embd rows
 K = 10  # neighbours that vote
 TAU = 0.02  # a neighbour's weight: exp((similarity - best similarity) / TAU)
 
@@ -44,11 +44,12 @@ class HiddenState:
         if weight is None:
             raise InputError(f"{gguf} has neither output.weight nor token_embd.weight",
                              "build the model with `bankllm build` (a llama.cpp text model)")
-        self.tokens = np.arange(0, n_vocab, FEATURE_STRIDE)
+        n_embd = int(weight.shape[0])  # GGUF order: (n_embd, n_vocab)
+        if n_vocab < 2 * n_embd:
+            raise InputError(f"{gguf}: a vocabulary of {n_vocab} is too small to recover a {n_embd}-wide hidden "
+                             "state from its logits", "serve the model without exemplars")
+        self.tokens = np.arange(0, n_vocab, max(1, min(FEATURE_STRIDE, n_vocab // (4 * n_embd))))
         rows = quants.dequantize(np.asarray(weight.data)[self.tokens], weight.tensor_type).astype(np.float64)
-        if rows.shape[0] < 2 * rows.shape[1]:
-            raise InputError(f"{gguf}: a vocabulary of {n_vocab} is too small to recover a {rows.shape[1]}-wide "
-                             "hidden state from its logits", "serve the model without exemplars")
         self.projection = np.linalg.pinv(rows).astype(np.float32)  # n_embd x len(tokens)
         self.width = rows.shape[1]
 
