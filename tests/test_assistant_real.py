@@ -61,9 +61,14 @@ def test_clear_query_gets_the_approved_answer(assistant, default_build):
     assert body["response"] not in labels and "{" not in body["response"]
 
 
-def test_ambiguous_query_is_clarified_and_resolved_next_turn(assistant, default_build):
+def test_ambiguous_query_is_clarified_and_resolved_next_turn(default_build, tmp_path):
+    """The answer threshold is pinned (0.9) above this message's confidence (about 0.68, its three likeliest
+    intents 0.68 / 0.21 / 0.07): the build's own threshold moves by a few hundredths from build to build (fitted
+    on a batched run; 0.717 here, and a CI build answered this message at 0.702), and this test is about the
+    clarifying question and its resolution, not about where the threshold falls."""
     library = AnswerLibrary.load(BuildDir(default_build).answers, BuildDir(default_build).labels())
-    with assistant.http() as c:
+    with running_server(tmp_path / "srv", default_build, env={"BANKLLM_ANSWER_THRESHOLD": "0.9"}) as server, \
+            server.http() as c:
         first = c.post("/api/v1/chat", json={"message": "payment issue"}).json()
         assert first["source"] == "clarify" and len(first["options"]) >= 2, first
         second_option = first["options"][1]["intent"]
