@@ -12,7 +12,8 @@ import pytest
 
 from appliance.errors import DataError, InputError
 from appliance.service.engine import Done
-from appliance.service.exemplars import K, Exemplars, combine, read_exemplar_rows
+from appliance.pipeline.calibrate import read_validation
+from appliance.service.exemplars import K, Exemplars, combine
 
 pytestmark = pytest.mark.fast
 
@@ -101,16 +102,16 @@ def test_the_index_round_trips_and_bad_files_are_refused_in_one_line(tmp_path):
 def test_exemplar_rows_are_checked_against_the_labels(tmp_path):
     good = tmp_path / "exemplars.csv"
     good.write_text("text,category\nwhere is my card,card_arrival\n  ,card_arrival\nI lost it,lost_or_stolen_card\n")
-    assert read_exemplar_rows(good, LABELS) == (["where is my card", "I lost it"],
+    assert read_validation(good, LABELS, "exemplars") == (["where is my card", "I lost it"],
                                                 ["card_arrival", "lost_or_stolen_card"])
     bad = tmp_path / "bad.csv"
     bad.write_text("text,category\nwhere is my card,card_arival\n")
     with pytest.raises(DataError, match="card_arival"):
-        read_exemplar_rows(bad, LABELS)
+        read_validation(bad, LABELS, "exemplars")
     empty = tmp_path / "empty.csv"
     empty.write_text("text,category\n")
     with pytest.raises(DataError, match="empty"):
-        read_exemplar_rows(empty, LABELS)
+        read_validation(empty, LABELS, "exemplars")
 
 
 class _Hidden:

@@ -21,14 +21,13 @@ from ..errors import AdapterMismatchError, ConfigError, GateRefusedError, InputE
 from ..fsutil import (atomic_dir, remove_stale_temps, require_free_disk, sha256_bytes, sha256_file, sha256_tree,
                       write_json_atomic)
 from ..resources import default_adapter_dir, default_gate_text
-from ..service.exemplars import read_exemplar_rows
 from ..settings import Settings
 from ..training import serving_eval
 from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapter
 from .adapters import (answers_for, base_f16, build_adapter, parse_adapter_specs, prepare_adapters, split_spec,
                        write_adapter_files)
 from .adapters import summary as adapter_summary
-from .calibrate import calibrate
+from .calibrate import calibrate, read_validation
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
 from .gate import Gate
@@ -91,7 +90,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
     # And its exemplar vote, when the adapter ships its examples (exemplars.csv): read and checked now.
     exemplar_rows = None
     if labels and task is not None and lora is not None and (lora.path / EXEMPLARS_CSV).is_file():
-        exemplar_rows = read_exemplar_rows(lora.path / EXEMPLARS_CSV, labels)
+        exemplar_rows = read_validation(lora.path / EXEMPLARS_CSV, labels, "exemplars")
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)

@@ -13,15 +13,16 @@ from ..errors import DataError
 from ..training import serving_eval
 
 
-def read_validation(path: Path, labels: list[str]) -> tuple[list[str], list[str]]:
-    """(texts, gold labels) of a text,category CSV whose categories are all in `labels`."""
+def read_validation(path: Path, labels: list[str], what: str = "validation split") -> tuple[list[str], list[str]]:
+    """(texts, gold labels) of a text,category CSV whose categories are all in `labels` (an adapter's validation
+    split, or its exemplars: `what` names it in the error)."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = [(r.get("text", ""), r.get("category", "")) for r in csv.DictReader(f)]
     rows = [(t.strip(), c.strip()) for t, c in rows if t and t.strip()]
     outside = sorted({c for _, c in rows} - set(labels))
     if not rows or outside:
-        raise DataError(f"validation split {path} is empty or has categories outside the label set "
-                        f"({', '.join(outside[:3])})", "give the adapter's own text,category validation CSV")
+        raise DataError(f"{what} {path} is empty or has categories outside the label set "
+                        f"({', '.join(outside[:3])})", f"give the adapter's own text,category {what} CSV")
     return [t for t, _ in rows], [c for _, c in rows]
 
 

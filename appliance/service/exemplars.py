@@ -15,7 +15,6 @@ logits_S, exact up to float error (and libllama's rounding of h for the matmul).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import EXEMPLARS_CSV, EXEMPLARS_FILE  # noqa: F401 (the file names live with the others)
-from ..errors import DataError, InputError
+from ..errors import InputError
 
 FEATURE_STRIDE = 16  # every 16th vocabulary row of W (fewer apart for a small vocabulary): >= 4 x n_embd rows
 K = 10  # neighbours that vote
@@ -117,18 +116,6 @@ class Exemplars:
         if not np.isfinite(vectors.astype(np.float32)).all():
             raise InputError(f"exemplars file {path} holds non-finite vectors", fix)
         return cls(vectors, label_ids, names)
-
-
-def read_exemplar_rows(path: Path, labels: list[str]) -> tuple[list[str], list[str]]:
-    """(texts, labels) of an adapter's exemplars.csv (text,category); DataError naming the problem when bad."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [((r.get("text") or "").strip(), (r.get("category") or "").strip()) for r in csv.DictReader(f)]
-    rows = [(t, c) for t, c in rows if t]
-    outside = sorted({c for _, c in rows} - set(labels))
-    if not rows or outside:
-        raise DataError(f"exemplars {path} are empty or have categories outside the label set "
-                        f"({', '.join(outside[:3])})", "give text,category rows whose categories are the adapter's")
-    return [t for t, _ in rows], [c for _, c in rows]
 
 
 def combine(trie: list[tuple[str, float]], votes: dict[str, float]) -> list[tuple[str, float]]:
