@@ -167,6 +167,9 @@ def main() -> int:
     p.add_argument("--soup", type=Path, nargs="+", default=None, metavar="ADAPTER",
                    help="no training: write to --out the equal-weight average of these adapters (a model soup; "
                         "appliance.training.soup), e.g. stages of one recipe")
+    p.add_argument("--soup-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="with --soup: one weight per adapter (default equal); one adapter with a weight in (0, 1) "
+                        "is its interpolation with the base (WiSE-FT)")
     args = p.parse_args()
     if args.soup and args.out is None:  # the default --out is the shipped adapter, which the average would replace
         p.error("--soup needs --out DIR")
@@ -181,7 +184,7 @@ def main() -> int:
         from appliance.training.soup import average_adapters
 
         try:
-            print(f"done: {average_adapters(base, args.soup, args.out, threads=args.threads)}")
+            print(f"done: {average_adapters(base, args.soup, args.out, weights=args.soup_weights, threads=args.threads)}")
         except BankllmError as err:
             print(format_error(err), file=sys.stderr)
             return err.exit_code

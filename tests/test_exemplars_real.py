@@ -73,7 +73,12 @@ def test_the_build_carries_the_exemplar_index(default_build):  # noqa: F811
     index = Exemplars.load(default_build / EXEMPLARS_FILE, build.labels())
     assert index.vectors.shape == (len(rows), 576)
     assert np.allclose(np.linalg.norm(index.vectors.astype(np.float32), axis=1), 1.0, atol=1e-2)
-    assert json.loads((default_build / "calibration.json").read_text())["exemplar_vote"] is True
+    figures = json.loads((default_build / "calibration.json").read_text())
+    assert figures["exemplar_vote"] is True
+    # the threshold a consumer without the vote (the vLLM export) needs: the label decoding's own, same rows
+    alone = figures["decoding_alone"]
+    assert 0 < alone["threshold"] < 1 and alone["threshold"] != figures["threshold"]
+    assert alone["answered_accuracy"] >= figures["target_answered_accuracy"]
 
 
 def test_eval_and_the_service_answer_with_the_same_averaged_readings(default_build, tmp_path):  # noqa: F811

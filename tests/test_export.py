@@ -197,3 +197,25 @@ def test_a_build_from_an_adapter_archive_exports_from_that_archive(base_dir, sha
         tar.add(ADAPTER / "adapter_model.safetensors", arcname="adapter/adapter_model.safetensors")
     with pytest.raises(ChecksumError, match="sha256"):
         _sources(settings, build, None, None, None)
+
+
+@pytest.mark.fast
+def test_an_export_of_a_vote_build_carries_the_decoding_alone_threshold(tmp_path):
+    """A build that serves with the exemplar vote fits its threshold on the averaged confidence; the export (no
+    vote) gets the threshold the build fitted on the label decoding alone, or none, never the averaged one."""
+    from appliance.artifacts import read_task
+    from appliance.export.vllm import _threshold_without_vote
+
+    task = tmp_path / "bankllm-task.json"
+
+    def exported(calibration: dict):
+        task.write_text(json.dumps({"system_prompt": "Classify.", "labels": "labels.json",
+                                    "calibration": {"temperature": 1.2}, "threshold": 0.72}))
+        _threshold_without_vote(calibration, task)
+        return read_task(task)
+
+    got = exported({"exemplar_vote": True, "threshold": 0.72, "decoding_alone": {"threshold": 0.84}})
+    assert got.threshold == 0.84 and got.calibration.temperature == 1.2 and got.system_prompt == "Classify."
+    assert exported({"exemplar_vote": True, "threshold": 0.72}).threshold is None  # not recorded: none
+    assert exported({"exemplar_vote": False, "threshold": 0.72}).threshold == 0.72  # no vote: the same scale
+    assert exported({}).threshold == 0.72

@@ -1,5 +1,6 @@
 """Averaging adapters (appliance.training.soup): the result's delta is exactly the weighted sum of the inputs'
-deltas on the real base, and adapters of different recipes are refused in one line."""
+deltas on the real base (one adapter and a weight: its interpolation with the base), and adapters of different
+recipes are refused in one line."""
 
 from __future__ import annotations
 
@@ -57,6 +58,21 @@ def test_soup_delta_is_the_weighted_sum(base_dir, two_adapters, tmp_path):
     # not a copy of either input
     assert any((soup[k] - d1[k]).abs().max() > 1e-4 for k in soup)
     assert not list(tmp_path.glob(".soup.*"))  # no temp dir left behind
+
+
+@pytest.mark.slow
+def test_one_adapter_and_a_weight_is_its_interpolation_with_the_base(base_dir, two_adapters, tmp_path):
+    """WiSE-FT: base + 0.4 x the adapter's delta, exactly; a weight outside (0, 1) or none is refused in one line."""
+    out = average_adapters(base_dir, two_adapters[:1], tmp_path / "wise", weights=[0.4])
+    d1, wise = _deltas(two_adapters[0]), _deltas(out)
+    assert set(wise) == set(d1)
+    for name, delta in wise.items():
+        assert (delta - 0.4 * d1[name]).abs().max() <= 1e-6 * max(d1[name].abs().max().item(), 1e-6), name
+    assert "interpolation of one adapter with its base" in (out / "README.md").read_text()
+    for weights in (None, [1.0], [1.5], [0.0]):
+        with pytest.raises(InputError, match="needs a weight between 0 and 1"):
+            average_adapters(base_dir, two_adapters[:1], tmp_path / "bad", weights=weights)
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -16,12 +16,13 @@ timestamps are written), so manifest.json is the same too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import ANSWERS_FILE, LABELS_FILE, TASK_FILE, BuildDir, read_report
+from ..artifacts import ANSWERS_FILE, LABELS_FILE, TASK_FILE, BuildDir, read_report, read_task, write_task
 from ..errors import ChecksumError, InputError
 from ..fsutil import atomic_dir, sha256_file, sha256_tree
 from ..settings import Settings
@@ -154,6 +155,8 @@ def _copy_serving_files(settings: Settings, lora, build_dir: Path | None, tmp: P
             if (Path(src) / file).is_file():
                 shutil.copyfile(Path(src) / file, tmp / file)
                 break
+    if build_dir and (tmp / TASK_FILE).is_file():
+        _threshold_without_vote(read_report(Path(build_dir)).get("calibration") or {}, tmp / TASK_FILE)
     if not (tmp / ANSWERS_FILE).is_file() and lora.labels:
         library = settings.answers_file or default_answers_file()
         try:
@@ -163,6 +166,17 @@ def _copy_serving_files(settings: Settings, lora, build_dir: Path | None, tmp: P
                 raise  # the bank's own library must be complete
             return  # the default library does not cover these labels: the export carries none, as the build would
         shutil.copyfile(library, tmp / ANSWERS_FILE)
+
+
+def _threshold_without_vote(calibration: dict, task_file: Path) -> None:
+    """The export serves without the appliance's exemplar vote: where the build's threshold was fitted on the
+    averaged confidence, the task file gets the one the build fitted on the label decoding alone (same rows, same
+    target), or none (a build that did not record it) rather than a threshold on the wrong scale."""
+    if not calibration.get("exemplar_vote"):
+        return
+    task = read_task(task_file)
+    alone = (calibration.get("decoding_alone") or {}).get("threshold")
+    write_task(task_file, dataclasses.replace(task, threshold=alone))
 
 
 def _write_manifest(tmp: Path) -> None:

@@ -36,6 +36,12 @@ def calibrate(gguf: Path, labels: list[str], task: Task, validation: Path, targe
                                     exemplars=exemplars)
     figures = serving_eval.assistant_figures(gold, rows, 1.0, None, target_accuracy, fit=True, plots_to=plots_to)
     figures = {"validation_rows": len(gold), "accuracy": figures.pop("accuracy"), **figures}
+    if figures["exemplar_vote"]:
+        # A consumer without the vote (the vLLM export) reads the label decoding's own confidence, which sits on
+        # another scale than the average the threshold above was fitted on: its own threshold, same rows and target.
+        alone = [dataclasses.replace(r, label=r.trie_label or r.label, votes=None) for r in rows]
+        own = serving_eval.assistant_figures(gold, alone, figures["temperature"], None, target_accuracy)
+        figures["decoding_alone"] = {k: own[k] for k in ("threshold", "coverage", "answered_accuracy", "accuracy")}
     fitted = dataclasses.replace(task, calibration=Calibration(temperature=figures["temperature"]),
                                  threshold=figures["threshold"])
     return fitted, figures

@@ -1,4 +1,6 @@
-"""Average fine-tuned LoRA adapters of one base into one adapter (a uniform "model soup", Wortsman et al. 2022).
+"""Average fine-tuned LoRA adapters of one base into one adapter (a uniform "model soup", Wortsman et al. 2022), or
+interpolate one adapter with its base (WiSE-FT, Wortsman et al. 2022: one adapter, weight alpha in (0, 1), gives
+base + alpha * delta, which trades some of what fine-tuning learned for less of what it forgot).
 
 The result's weight delta is exactly the weighted sum of the inputs' deltas (sum_i w_i * B_i A_i * scale_i): peft's
 add_weighted_adapter with combination_type "cat" stacks their ranks (two r=16 adapters give r=32, alpha = r), so
@@ -19,10 +21,10 @@ from ..errors import InputError
 from ..fsutil import atomic_dir, sha256_file, write_json_atomic
 
 
-def check_soupable(adapters: list[Path]) -> dict:
+def check_soupable(adapters: list[Path], least: int = 2) -> dict:
     """The first adapter's config, after checking every adapter is plain LoRA and shares its base, targets, labels,
     prompt and validation split."""
-    if len(adapters) < 2:
+    if len(adapters) < least:
         raise InputError("averaging needs at least two adapters", "give two or more adapter directories")
     first = None
     for path in adapters:
@@ -50,14 +52,17 @@ def check_soupable(adapters: list[Path]) -> dict:
 def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: list[float] | None = None,
                      threads: int = 0) -> Path:
     """Write to `out` (atomically) the adapter whose delta is sum(weights[i] * delta(adapters[i])); equal weights
-    by default. The first adapter's labels, task file (without calibration and threshold), validation split and
-    base name travel with it."""
+    by default. One adapter with one weight below 1 is its interpolation with the base (WiSE-FT). The first
+    adapter's labels, task file (without calibration and threshold), validation split and base name travel with it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     adapters = [Path(a) for a in adapters]
-    config = check_soupable(adapters)
+    if len(adapters) == 1 and (weights is None or not 0 < weights[0] < 1):
+        raise InputError("interpolating one adapter with its base needs a weight between 0 and 1",
+                         "give one weight in (0, 1), or two or more adapters to average")
+    config = check_soupable(adapters, least=1)
     weights = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
     if len(weights) != len(adapters) or any(w <= 0 for w in weights):
         raise InputError(f"{len(weights)} weights for {len(adapters)} adapters (each must be > 0)",
@@ -95,7 +100,10 @@ def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: l
             # fits them again on the validation split.
             write_task(tmp / TASK_FILE, dataclasses.replace(task, calibration=None, threshold=None))
         (tmp / "README.md").write_text(
-            f"# LoRA adapter for {config.get('base_model_name_or_path')}\n\nThe weighted average (a model soup) of "
-            f"{len(adapters)} adapters of one recipe, weights {weights}: its weight delta is exactly the weighted sum "
-            f"of theirs (ranks concatenated, r={cfg.get('r')}). Written by appliance.training.soup.average_adapters.\n")
+            f"# LoRA adapter for {config.get('base_model_name_or_path')}\n\n"
+            + (f"The interpolation of one adapter with its base (WiSE-FT), weight {weights[0]}: its weight delta is "
+               f"exactly {weights[0]} x the adapter's" if len(adapters) == 1 else
+               f"The weighted average (a model soup) of {len(adapters)} adapters of one recipe, weights {weights}: its "
+               f"weight delta is exactly the weighted sum of theirs")
+            + f" (r={cfg.get('r')}). Written by appliance.training.soup.average_adapters.\n")
     return out
