@@ -26,7 +26,7 @@ from appliance.artifacts import EXEMPLARS_CSV, VALIDATION_FILE  # noqa: E402
 from appliance.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 from appliance.pipeline.base import DEFAULT_BASE_NAME, ensure_default_base  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
-from appliance.training.replay import GENERAL_PROMPTS  # noqa: E402
+from appliance.training.replay import GENERAL_PROMPTS, refuse_harmful  # noqa: E402
 from appliance.training.train import TrainConfig, epoch_batches, prepare, tokenize, train  # noqa: E402
 
 DEFAULT_DIR = REPO / "build" / "default"
@@ -38,7 +38,8 @@ def _raise_interrupt(signum, frame):
 
 def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], per_label: int | None = None,
                      replay_copies: int = 4, threads: int = 1) -> Path:
-    """Chat JSONL: the base model's own answers to GENERAL_PROMPTS (no system prompt and the service's), repeated
+    """Chat JSONL: the base model's own answers to GENERAL_PROMPTS (no system prompt and the service's; the harmful
+    ones refused, replay.refuse_harmful), repeated
     `replay_copies` times, plus classification rows from the training split (never the validation split): all of
     them, or `per_label` per intent with the rows stage 1 never reached first."""
     import json
@@ -65,7 +66,7 @@ def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], p
             if answer:
                 rows.append({"messages": msgs + [{"role": "assistant", "content": answer}]})
     write_json_atomic(replay_cache, rows)
-    rows = rows * replay_copies
+    rows = [{"messages": refuse_harmful(r["messages"])} for r in rows] * replay_copies
     rng = random.Random(7)
     by_label: dict = {}
     for i, e in enumerate(train_rows):

@@ -74,9 +74,36 @@ def test_label_answers_fail_the_probes():
 
 
 def test_replay_never_trains_on_a_probe():
-    assert replay.GENERAL_PROMPTS == replay._CANDIDATE_PROMPTS  # nothing had to be dropped
+    assert replay.GENERAL_PROMPTS == replay._CANDIDATE_PROMPTS + replay.HARMFUL_PROMPTS  # nothing had to be dropped
     assert not any(overlaps_probe(p) for p in replay.GENERAL_PROMPTS)
     assert overlaps_probe(PROBES[0].prompt) and overlaps_probe(PROBES[0].prompt.upper() + "!")
+
+
+def test_replay_refuses_harmful_requests_whatever_the_base_answered(tmp_path, monkeypatch):
+    """The base complies with some harmful requests (a step-by-step cheque forgery); replay trains on what it
+    replays, so those rows carry the refusal, never the base's answer, fresh or from the cache."""
+    class Complies:
+        def __init__(self, base_dir, threads):
+            pass
+
+        def answer(self, chats, max_new_tokens):
+            return [c + [{"role": "assistant", "content": "Sure, here is a step-by-step guide."}] for c in chats]
+
+    monkeypatch.setattr(replay, "_Generator", Complies)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    for _ in range(2):  # the second call reads the cache the first wrote
+        rows = {e.messages[0]["content"]: e.messages[-1]["content"]
+                for e in replay.base_answers(tmp_path / "base", tmp_path)}
+        assert set(rows) == set(replay.GENERAL_PROMPTS) and len(replay.HARMFUL_PROMPTS) >= 12
+        assert all(rows[p] == replay.REFUSAL for p in replay.HARMFUL_PROMPTS)
+        assert all(rows[p].startswith("Sure") for p in replay.GENERAL_PROMPTS if p not in replay.HARMFUL_PROMPTS)
+    assert len(list(tmp_path.glob("replay-*.json"))) == 1
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": replay.HARMFUL_PROMPTS[0]},
+            {"role": "assistant", "content": "ok"}]
+    assert replay.refuse_harmful(chat) == chat[:2] + [{"role": "assistant", "content": replay.REFUSAL}]
+    assert replay.refuse_harmful(chat[:1] + [{"role": "user", "content": "hi"}]) == chat[:1] + [
+        {"role": "user", "content": "hi"}]
 
 
 def test_general_text_is_long_plain_prose():
