@@ -39,9 +39,9 @@ def _raise_interrupt(signum, frame):
 def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], per_label: int | None = None,
                      replay_copies: int = 4, threads: int = 1) -> Path:
     """Chat JSONL: the base model's own answers to GENERAL_PROMPTS (no system prompt and the service's; the harmful
-    ones refused, replay.refuse_harmful), repeated
-    `replay_copies` times, plus classification rows from the training split (never the validation split): all of
-    them, or `per_label` per intent with the rows stage 1 never reached first."""
+    ones refused, replay.refuse_harmful), repeated `replay_copies` times, plus classification rows from the training
+    split (never the validation split): all of them, or `per_label` per intent with the rows stage 1 never reached
+    first."""
     import json
     import random
 
@@ -185,7 +185,8 @@ def main() -> int:
         from appliance.training.soup import average_adapters
 
         try:
-            print(f"done: {average_adapters(base, args.soup, args.out, weights=args.soup_weights, threads=args.threads)}")
+            out = average_adapters(base, args.soup, args.out, weights=args.soup_weights, threads=args.threads)
+            print(f"done: {out}")
         except BankllmError as err:
             print(format_error(err), file=sys.stderr)
             return err.exit_code

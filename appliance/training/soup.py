@@ -59,7 +59,7 @@ def average_adapters(base_dir: Path, adapters: list[Path], out: Path, weights: l
     from transformers import AutoModelForCausalLM
 
     adapters = [Path(a) for a in adapters]
-    if len(adapters) == 1 and (weights is None or not 0 < weights[0] < 1):
+    if len(adapters) == 1 and (not weights or not 0 < weights[0] < 1):
         raise InputError("interpolating one adapter with its base needs a weight between 0 and 1",
                          "give one weight in (0, 1), or two or more adapters to average")
     config = check_soupable(adapters, least=1)
