@@ -26,7 +26,7 @@ from appliance.artifacts import EXEMPLARS_CSV, VALIDATION_FILE  # noqa: E402
 from appliance.fsutil import write_json_atomic, write_text_atomic  # noqa: E402
 from appliance.pipeline.base import DEFAULT_BASE_NAME, ensure_default_base  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
-from appliance.training.replay import GENERAL_PROMPTS, refuse_harmful  # noqa: E402
+from appliance.training.replay import GENERAL_PROMPTS, REFUSAL, refuse_harmful  # noqa: E402
 from appliance.training.train import TrainConfig, epoch_batches, prepare, tokenize, train  # noqa: E402
 
 DEFAULT_DIR = REPO / "build" / "default"
@@ -81,12 +81,14 @@ def make_stage2_data(cfg: TrainConfig, train_rows, dest: Path, seen: set[int], p
 
 
 def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls: int = 40, per_label_chat: int = 6,
-                        oos_copies: int = 3, replay_copies: int = 3, seed: int = 11) -> Path:
+                        oos_copies: int = 3, replay_copies: int = 3, refusal_copies: int | None = None,
+                        seed: int = 11) -> Path:
     """Chat JSONL for the assistant stage: classification rows (the training split only), the project's own
     out-of-scope training queries labelled out_of_scope (build/default/oos-train.txt; oos-val.txt never), banking
     questions asked as a plain chat message answered with their intent's approved answer (default facts filled;
-    half with no system prompt, half with the service's), and the base's replayed general answers. `seed` picks the
-    rows: another seed gives a later stage other rows of each intent."""
+    half with no system prompt, half with the service's), and the base's replayed general answers (`replay_copies`
+    times; the refused harmful requests among them `refusal_copies` times, default the same). `seed` picks the rows:
+    another seed gives a later stage other rows of each intent."""
     import random
 
     from appliance.answers import AnswerLibrary, default_answers_file
@@ -114,7 +116,9 @@ def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls
     for text in oos * oos_copies:
         rows.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": text},
                                   {"role": "assistant", "content": "out_of_scope"}]})
-    rows.extend(replay_rows * replay_copies)
+    refusals = [r for r in replay_rows if r["messages"][-1]["content"] == REFUSAL]
+    rows.extend([r for r in replay_rows if r not in refusals] * replay_copies)
+    rows.extend(refusals * (replay_copies if refusal_copies is None else refusal_copies))
     rng.shuffle(rows)
     write_text_atomic(dest, "".join(json.dumps(r) + "\n" for r in rows))
     return dest
@@ -162,6 +166,8 @@ def main() -> int:
     p.add_argument("--per-label-cls", type=int, default=40, help="assistant stage: classification rows per intent")
     p.add_argument("--per-label-chat", type=int, default=6,
                    help="assistant stage: plain-chat approved-answer rows per intent")
+    p.add_argument("--refusal-copies", type=int, default=None,
+                   help="assistant stage: copies of the refused harmful requests (default: as the other replay rows)")
     p.add_argument("--rows-seed", type=int, default=11, help="assistant stage: the seed that picks each intent's rows")
     p.add_argument("--init", type=Path, default=REPO / ".cache" / "default-adapter-stage1",
                    help="stage 2: the adapter to continue (default: stage 1's, copied from --out on the first run)")
@@ -235,7 +241,7 @@ def main() -> int:
         replay_rows = [{"messages": e.messages} for e in base_answers(base, REPO / ".cache", threads=args.threads)]
         data = make_assistant_data(train_rows, REPO / ".cache" / "assistant-stage.jsonl", replay_rows,
                                    per_label_cls=args.per_label_cls, per_label_chat=args.per_label_chat,
-                                   seed=args.rows_seed)
+                                   refusal_copies=args.refusal_copies, seed=args.rows_seed)
         labels = labels + ["out_of_scope"]
         cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=args.init, epochs=args.epochs,
                                   val_fraction=0.0, lr=args.lr, max_seq_len=192, replay=False,

@@ -101,17 +101,23 @@ def test_soup_refuses_adapters_of_different_recipes(base_dir, two_adapters, tmp_
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.fast
-def test_continued_stage_carries_the_held_out_split(tmp_path):
-    """A continued stage of build/train_default.py holds nothing out: it carries --init's validation.csv, so the
-    build calibrates on the split held out at stage 1 and the stage can be averaged with its --init."""
+def _train_default():
+    """build/train_default.py as a module (it is a script, not a package module)."""
     import importlib.util
 
     from tests.conftest import REPO
 
     spec = importlib.util.spec_from_file_location("train_default", REPO / "build" / "train_default.py")
-    train_default = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_default)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.fast
+def test_continued_stage_carries_the_held_out_split(tmp_path):
+    """A continued stage of build/train_default.py holds nothing out: it carries --init's validation.csv, so the
+    build calibrates on the split held out at stage 1 and the stage can be averaged with its --init."""
+    train_default = _train_default()
     init, out = tmp_path / "init", tmp_path / "out"
     init.mkdir(), out.mkdir()
     (init / "validation.csv").write_text("text,category\nwhere is my card,card_arrival\n")
@@ -126,3 +132,30 @@ def test_continued_stage_carries_the_held_out_split(tmp_path):
     empty.mkdir()
     train_default.finish_stage_dir(empty, tmp_path / "missing", ["a"], "p")
     assert not (empty / "validation.csv").exists()
+
+
+@pytest.mark.fast
+def test_assistant_mix_weights_the_refusals_on_their_own(tmp_path):
+    """--refusal-copies repeats the refused harmful requests that many times, the other replay rows keep
+    --replay-copies, and the default repeats both alike."""
+    from appliance.training import replay
+    from appliance.training.data import Example
+
+    train_default = _train_default()
+    system = {"role": "system", "content": "Classify."}
+    rows = [Example(messages=[system, {"role": "user", "content": f"where is my card {i}"},
+                              {"role": "assistant", "content": "card_arrival"}], line=i, label="card_arrival")
+            for i in range(8)]
+    general = {"messages": [{"role": "user", "content": "What is 7 plus 8?"}, {"role": "assistant", "content": "15"}]}
+    harmful = {"messages": replay.refuse_harmful([{"role": "user", "content": replay.HARMFUL_PROMPTS[0]},
+                                                  {"role": "assistant", "content": "Sure, step 1"}])}
+
+    def count(**kw):
+        out = train_default.make_assistant_data(rows, tmp_path / "mix.jsonl", [general, harmful], per_label_cls=4,
+                                                per_label_chat=2, oos_copies=0, **kw)
+        mix = [json.loads(line) for line in out.read_text().splitlines()]
+        return sum(m == general for m in mix), sum(m == harmful for m in mix), len(mix)
+
+    assert count(replay_copies=3) == (3, 3, 12)
+    assert count(replay_copies=3, refusal_copies=10) == (3, 10, 19)
+    assert count(replay_copies=2, refusal_copies=0) == (2, 0, 8)
