@@ -225,7 +225,14 @@ def test_training_makes_no_network_attempt(tmp_path, base_dir):
                           cwd=Path(__file__).resolve().parents[1])
     assert "network attempt" not in proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((cfg.out / "train-report.json").read_text())["steps"] == 2
+    report = json.loads((cfg.out / "train-report.json").read_text())
+    assert report["steps"] == 2
+    # The stage keeps its start's rank and scale (the shipped adapter's, not the flags' r=16), and says so.
+    init = json.loads((Path(__file__).resolve().parents[1] / "build/default/adapter/adapter_config.json").read_text())
+    saved = json.loads((cfg.out / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (init["r"], init["lora_alpha"]) != (16, 32)  # the flags' defaults
+    assert (report["hyperparameters"]["lora_r"], report["hyperparameters"]["lora_alpha"]) == (init["r"], init["lora_alpha"])
+    assert f"LoRA r={init['r']}, alpha={init['lora_alpha']}," in (cfg.out / "README.md").read_text()
 
 
 def test_rehearsal_kl_is_zero_for_the_base_and_grows_with_the_adapter(base_dir):

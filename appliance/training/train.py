@@ -362,6 +362,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     from .evaluate import LabelDecoder, score
 
     method = select_method(cfg.method)
+    if cfg.init_adapter:  # a continued stage keeps its start's rank and scale: report those, not the flags'
+        init_config = Path(cfg.init_adapter) / "adapter_config.json"
+        if not init_config.is_file():
+            raise ConfigError(f"the adapter to start from, {cfg.init_adapter}, has no adapter_config.json",
+                              "point it at a PEFT LoRA adapter directory")
+        init = json.loads(init_config.read_text())
+        cfg = dataclasses.replace(cfg, lora_r=init["r"], lora_alpha=init["lora_alpha"])
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
