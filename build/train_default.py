@@ -116,9 +116,10 @@ def make_assistant_data(train_rows, dest: Path, replay_rows: list, per_label_cls
     for text in oos * oos_copies:
         rows.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": text},
                                   {"role": "assistant", "content": "out_of_scope"}]})
-    refusals = [r for r in replay_rows if r["messages"][-1]["content"] == REFUSAL]
-    rows.extend([r for r in replay_rows if r not in refusals] * replay_copies)
-    rows.extend(refusals * (replay_copies if refusal_copies is None else refusal_copies))
+    refused = [r["messages"][-1]["content"] == REFUSAL for r in replay_rows]
+    rows.extend([r for r, is_refusal in zip(replay_rows, refused) if not is_refusal] * replay_copies)
+    rows.extend([r for r, is_refusal in zip(replay_rows, refused) if is_refusal] * (
+        replay_copies if refusal_copies is None else refusal_copies))
     rng.shuffle(rows)
     write_text_atomic(dest, "".join(json.dumps(r) + "\n" for r in rows))
     return dest

@@ -231,7 +231,8 @@ def test_training_makes_no_network_attempt(tmp_path, base_dir):
     init = json.loads((Path(__file__).resolve().parents[1] / "build/default/adapter/adapter_config.json").read_text())
     saved = json.loads((cfg.out / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"]) == (init["r"], init["lora_alpha"]) != (16, 32)  # the flags' defaults
-    assert (report["hyperparameters"]["lora_r"], report["hyperparameters"]["lora_alpha"]) == (init["r"], init["lora_alpha"])
+    hyper = report["hyperparameters"]
+    assert (hyper["lora_r"], hyper["lora_alpha"]) == (init["r"], init["lora_alpha"])
     assert f"LoRA r={init['r']}, alpha={init['lora_alpha']}," in (cfg.out / "README.md").read_text()
 
 
