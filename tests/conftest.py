@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from appliance.artifacts import BuildDir
+from appliance.fsutil import sha256_file
+from appliance.resources import default_adapter_dir
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "tests"
 BANKLLM = [sys.executable, "-m", "appliance"]
@@ -123,6 +127,28 @@ def run_cli(*args, env=None, netns: bool = False, timeout: float = 900, cwd=None
         cmd = ["unshare", "--net", sys.executable, str(REPO / "tests" / "_no_network.py"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=timeout,
                           cwd=cwd or REPO)
+
+
+# The default build's exemplar vote encodes the first this many exemplars of each label (bankllm's
+# exemplars_per_label): 1,848 of the shipped 9,263 rows, so the build takes minutes rather than a quarter of an hour.
+# The shipped figures (README, train-report.json) come from full builds with tests/benchmarks/bench_assistant.py.
+DEFAULT_BUILD_EXEMPLARS_PER_LABEL = 24
+
+
+@pytest.fixture(scope="session")
+def default_build(base_dir, shared_data_dir) -> Path:
+    """`bankllm build` of the shipped adapter (calibration stage and exemplar vote), cached by the adapter's files."""
+    adapter = default_adapter_dir()
+    key = _digest(base_dir.name, *(sha256_file(p) for p in sorted(adapter.iterdir()) if p.is_file()),
+                  DEFAULT_BUILD_EXEMPLARS_PER_LABEL, "v2")
+    out = CACHE / f"default-build-{key}"
+    if not BuildDir(out).report_file.is_file():
+        env = dict(os.environ, BANKLLM_DATA_DIR=str(shared_data_dir), BANKLLM_GATE_MAX_CHUNKS="2",
+                   BANKLLM_EXEMPLARS_PER_LABEL=str(DEFAULT_BUILD_EXEMPLARS_PER_LABEL))
+        proc = run_cli("build", "--base", base_dir, "--adapter", adapter, "--out", out, env=env, netns=True,
+                       timeout=2400)
+        assert proc.returncode == 0, proc.stderr
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -4,32 +4,15 @@ Q4_K_M, calibrated on the adapter's validation split) and a real HTTP client."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from appliance.answers import AnswerLibrary
 from appliance.artifacts import BuildDir
 from appliance.fsutil import sha256_file
-from appliance.resources import default_adapter_dir
 from tests._service_util import running_server
-from tests.conftest import CACHE, _digest, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def default_build(base_dir, shared_data_dir) -> Path:
-    """`bankllm build` of the shipped adapter (with its calibration stage), cached by the adapter's files."""
-    adapter = default_adapter_dir()
-    key = _digest(base_dir.name, *(sha256_file(p) for p in sorted(adapter.iterdir()) if p.is_file()), "v1")
-    out = CACHE / f"default-build-{key}"
-    if not BuildDir(out).report_file.is_file():
-        env = dict(os.environ, BANKLLM_DATA_DIR=str(shared_data_dir), BANKLLM_GATE_MAX_CHUNKS="2")
-        proc = run_cli("build", "--base", base_dir, "--adapter", adapter, "--out", out, env=env, netns=True)
-        assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import io
 import numpy as np
 import pytest
 
-from appliance.errors import DataError, InputError
+from appliance.errors import ConfigError, DataError, InputError
 from appliance.service.engine import Done
-from appliance.pipeline.calibrate import read_validation
+from appliance.pipeline.calibrate import first_per_label, read_validation
 from appliance.service.exemplars import K, Exemplars, combine
+from appliance.settings import Settings
 
 pytestmark = pytest.mark.fast
 
@@ -112,6 +113,16 @@ def test_exemplar_rows_are_checked_against_the_labels(tmp_path):
     empty.write_text("text,category\n")
     with pytest.raises(DataError, match="empty"):
         read_validation(empty, LABELS, "exemplars")
+
+
+def test_a_per_label_cap_keeps_the_first_rows_of_each_label_in_file_order():
+    texts = ["a1", "b1", "a2", "a3", "b2", "c1", "a4"]
+    gold = ["a", "b", "a", "a", "b", "c", "a"]
+    assert first_per_label(texts, gold, 2) == (["a1", "b1", "a2", "b2", "c1"], ["a", "b", "a", "b", "c"])
+    assert first_per_label(texts, gold, 0) == (texts, gold)
+    assert first_per_label(texts, gold, 99) == (texts, gold)
+    with pytest.raises(ConfigError, match="exemplars_per_label=-1 is negative"):
+        Settings(exemplars_per_label=-1).validate()
 
 
 class _Hidden:

@@ -12,10 +12,11 @@ import pytest
 from appliance.artifacts import BuildDir
 from appliance.errors import InputError
 from appliance.fsutil import sha256_file
+from appliance.pipeline.calibrate import first_per_label
 from appliance.resources import default_adapter_dir
 from appliance.service.exemplars import EXEMPLARS_FILE, Exemplars, HiddenState
 from tests._service_util import running_server
-from tests.test_assistant_real import default_build  # noqa: F401 (the session fixture)
+from tests.conftest import DEFAULT_BUILD_EXEMPLARS_PER_LABEL
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ SAMPLE = ["I still have not received my new card", "my card payment was declined
           "why was I charged a fee for my transfer"]
 
 
-def test_the_hidden_state_comes_back_from_the_logits(default_build):  # noqa: F811
+def test_the_hidden_state_comes_back_from_the_logits(default_build):
     """W h reproduces every logit, also of the vocabulary rows the projection never saw (exact recovery)."""
     import asyncio
 
@@ -62,12 +63,15 @@ def test_the_hidden_state_comes_back_from_the_logits(default_build):  # noqa: F8
     assert np.abs(predicted - logits[unseen]).max() < 0.05 * np.abs(logits).max()
 
 
-def test_the_build_carries_the_exemplar_index(default_build):  # noqa: F811
+def test_the_build_carries_the_exemplar_index(default_build):
     build = BuildDir(default_build)
     report = build.report()
     with open(default_adapter_dir() / "exemplars.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert report["exemplars"]["rows"] == len(rows)
+        shipped = list(csv.DictReader(f))
+    rows, _ = first_per_label([r["text"] for r in shipped], [r["category"] for r in shipped],
+                              DEFAULT_BUILD_EXEMPLARS_PER_LABEL)
+    assert len(shipped) > len(rows) == report["exemplars"]["rows"]
+    assert report["exemplars"]["per_label_cap"] == DEFAULT_BUILD_EXEMPLARS_PER_LABEL
     assert report["exemplars"]["source_sha256"] == sha256_file(default_adapter_dir() / "exemplars.csv")
     assert report["outputs"][EXEMPLARS_FILE] == sha256_file(default_build / EXEMPLARS_FILE)
     index = Exemplars.load(default_build / EXEMPLARS_FILE, build.labels())
@@ -81,7 +85,7 @@ def test_the_build_carries_the_exemplar_index(default_build):  # noqa: F811
     assert alone["answered_accuracy"] >= figures["target_answered_accuracy"]
 
 
-def test_eval_and_the_service_answer_with_the_same_averaged_readings(default_build, tmp_path):  # noqa: F811
+def test_eval_and_the_service_answer_with_the_same_averaged_readings(default_build, tmp_path):
     from appliance.training.evaluate import evaluate
 
     data = tmp_path / "sample.csv"
@@ -101,7 +105,7 @@ def test_eval_and_the_service_answer_with_the_same_averaged_readings(default_bui
     assert ranked["source"] in ("approved", "clarify", "out_of_scope")
 
 
-def test_a_broken_index_stops_the_service_before_the_model_loads(default_build, tmp_path):  # noqa: F811
+def test_a_broken_index_stops_the_service_before_the_model_loads(default_build, tmp_path):
     from appliance.service.service import Service
     from appliance.settings import Settings
 

@@ -27,7 +27,7 @@ from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapte
 from .adapters import (answers_for, base_f16, build_adapter, parse_adapter_specs, prepare_adapters, split_spec,
                        write_adapter_files)
 from .adapters import summary as adapter_summary
-from .calibrate import calibrate, read_validation
+from .calibrate import calibrate, first_per_label, read_validation
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
 from .gate import Gate
@@ -90,7 +90,8 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
     # And its exemplar vote, when the adapter ships its examples (exemplars.csv): read and checked now.
     exemplar_rows = None
     if labels and task is not None and lora is not None and (lora.path / EXEMPLARS_CSV).is_file():
-        exemplar_rows = read_validation(lora.path / EXEMPLARS_CSV, labels, "exemplars")
+        exemplar_rows = first_per_label(*read_validation(lora.path / EXEMPLARS_CSV, labels, "exemplars"),
+                                        settings.exemplars_per_label)
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -106,6 +107,8 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
     }
     if template_record["source"] != "base":  # a chosen template changes the GGUF and the Modelfile
         inputs["chat_template_sha256"] = template_record["sha256"]
+    if exemplar_rows is not None:
+        inputs["exemplars_per_label"] = settings.exemplars_per_label
     if answers is not None:
         inputs["answers_sha256"] = answers.sha256
         inputs["target_answered_accuracy"] = settings.target_answered_accuracy
@@ -218,7 +221,8 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
                             "intents": len(answers.intents)} if answers is not None else None,
                 "calibration": calibration,
                 "exemplars": {"file": EXEMPLARS_FILE, "rows": len(exemplars.label_ids),
-                              "labels": len(exemplars.labels), "source_sha256": sha256_file(lora.path / EXEMPLARS_CSV)}
+                              "labels": len(exemplars.labels), "per_label_cap": settings.exemplars_per_label,
+                              "source_sha256": sha256_file(lora.path / EXEMPLARS_CSV)}
                 if exemplars is not None else None,
                 "outputs": outputs,
                 "versions": inputs["versions"],

@@ -26,6 +26,20 @@ def read_validation(path: Path, labels: list[str], what: str = "validation split
     return [t for t, _ in rows], [c for _, c in rows]
 
 
+def first_per_label(texts: list[str], gold: list[str], n: int) -> tuple[list[str], list[str]]:
+    """The first n rows of each label, in file order (n = 0: all of them)."""
+    if n <= 0:
+        return texts, gold
+    seen: dict[str, int] = {}
+    kept_texts, kept_gold = [], []
+    for text, label in zip(texts, gold):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= n:
+            kept_texts.append(text)
+            kept_gold.append(label)
+    return kept_texts, kept_gold
+
+
 def calibrate(gguf: Path, labels: list[str], task: Task, validation: Path, target_accuracy: float,
               threads: int, plots_to: Path | None = None, lora: Path | None = None,
               exemplars=None) -> tuple[Task, dict]:
