@@ -285,7 +285,7 @@ ADAPTER_PREFIX = "adapter."
 ADAPTER_REPORT_SCHEMA = 1
 # suffix of each file an adapter NAME owns: adapter.NAME<suffix>
 ADAPTER_SUFFIXES = {"gguf": ".gguf", "labels": ".labels.json", "task": ".task.json", "answers": ".answers.toml",
-                    "modelfile": ".Modelfile", "report": ".report.json"}
+                    "exemplars": ".exemplars.npz", "modelfile": ".Modelfile", "report": ".report.json"}
 ADAPTER_REPORT_REQUIRED = ("schema", "name", "source", "adapter_sha256", "gguf_sha256", "base", "gate", "verdict",
                            "files")
 
@@ -299,7 +299,8 @@ def check_adapter_name(name: str) -> str:
 
 
 def adapter_file(name: str, kind: str) -> str:
-    """The file name of one of adapter NAME's files (kind: gguf, labels, task, answers, modelfile, report)."""
+    """The file name of one of adapter NAME's files (kind: gguf, labels, task, answers, exemplars, modelfile,
+    report)."""
     return f"{ADAPTER_PREFIX}{check_adapter_name(name)}{ADAPTER_SUFFIXES[kind]}"
 
 

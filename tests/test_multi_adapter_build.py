@@ -23,11 +23,13 @@ from .conftest import CACHE, REPO, _digest, make_lora_adapter, run_cli
 
 SHIPPED = REPO / "build" / "default" / "adapter"
 VALIDATION_ROWS = 40  # the shipped adapter's validation split, cut to keep calibration to seconds in a test
+EXEMPLARS_PER_LABEL = 4  # the first 4 of each label of its exemplars (312 of 9,263 rows): the vote in a minute
 
 
 def _env(shared_data_dir: Path, **extra) -> dict:
     env = os.environ.copy()
-    env.update(BANKLLM_DATA_DIR=str(shared_data_dir), BANKLLM_GATE_MAX_CHUNKS="2", BANKLLM_THREADS="1", **extra)
+    env.update(BANKLLM_DATA_DIR=str(shared_data_dir), BANKLLM_GATE_MAX_CHUNKS="2", BANKLLM_THREADS="1",
+               BANKLLM_EXEMPLARS_PER_LABEL=str(EXEMPLARS_PER_LABEL), **extra)
     return env
 
 
@@ -65,7 +67,7 @@ def fraud_adapter(base_dir) -> Path:
 @pytest.fixture(scope="module")
 def multi_built(base_dir, cards_adapter, fraud_adapter, shared_data_dir) -> Path:
     """A real two-adapter build (Q4_K_M base, no ladder), run with no network at all; cached by its inputs."""
-    out = CACHE / f"multi-build-{_digest(base_dir.name, cards_adapter.name, fraud_adapter.name, 'v2')}"
+    out = CACHE / f"multi-build-{_digest(base_dir.name, cards_adapter.name, fraud_adapter.name, 'v3')}"
     proc = run_cli("build", "--base", base_dir, "--adapter", f"cards={cards_adapter}", "--adapter",
                    f"fraud={fraud_adapter}", "--quant", "Q4_K_M", "--out", out, env=_env(shared_data_dir), netns=True)
     assert proc.returncode == 0, proc.stderr
@@ -120,7 +122,8 @@ def test_multi_adapter_layout_reports_and_hashes(multi_built, cards_adapter, fra
     assert report["chosen"]["sha256"] == model_sha
     assert adapter_names(multi_built) == ["cards", "fraud"] == sorted(report["adapters"])
     want = {MODEL_FILE, MODELFILE_FILE, REPORT_FILE}
-    want |= {adapter_file("cards", k) for k in ("gguf", "labels", "task", "answers", "modelfile", "report")}
+    want |= {adapter_file("cards", k)
+             for k in ("gguf", "labels", "task", "answers", "exemplars", "modelfile", "report")}
     want |= {adapter_file("fraud", k) for k in ("gguf", "modelfile", "report")}  # chat: no labels, task, answers
     assert {p.name for p in multi_built.iterdir()} == want
     # Every file but the report itself is listed in the report with its sha256.
@@ -163,6 +166,45 @@ def test_multi_adapter_layout_reports_and_hashes(multi_built, cards_adapter, fra
         assert mf.parse(parsed.to_string()) == parsed and text.startswith("FROM ./model.gguf\n")
         assert parsed.adapters == [f"./{adapter_file(name, 'gguf')}"] and parsed.system == system
         assert (parsed.template, parsed.param_values("stop")) == (base_mf.template, base_mf.param_values("stop"))
+
+
+def test_a_classifier_adapter_beside_the_base_answers_with_its_own_exemplar_vote(multi_built, cards_adapter,
+                                                                                 tmp_path):
+    from appliance.pipeline.calibrate import first_per_label, read_validation
+    from appliance.service.exemplars import Exemplars
+    from appliance.training import serving_eval
+    from tests._service_util import running_server
+
+    cards = read_adapter_report(multi_built, "cards")
+    labels = json.loads((multi_built / adapter_file("cards", "labels")).read_text())
+    texts, _ = first_per_label(*read_validation(cards_adapter / "exemplars.csv", labels), EXEMPLARS_PER_LABEL)
+    assert cards["exemplars"] == {"file": adapter_file("cards", "exemplars"), "rows": len(texts),
+                                  "labels": len(labels), "per_label_cap": EXEMPLARS_PER_LABEL,
+                                  "source_sha256": sha256_file(cards_adapter / "exemplars.csv")}
+    assert cards["files"][adapter_file("cards", "exemplars")] == \
+        sha256_file(multi_built / adapter_file("cards", "exemplars"))
+    assert cards["calibration"]["exemplar_vote"] is True  # its threshold was fitted on the averaged readings
+    assert read_adapter_report(multi_built, "fraud")["exemplars"] is None  # a chat adapter has no vote
+    index = Exemplars.load(multi_built / adapter_file("cards", "exemplars"), labels)
+    assert index.vectors.shape == (len(texts), 576)
+
+    # The service answers the adapter's requests with the averaged readings: what the same engine path gives with
+    # its index, and not what its label decoding alone gives.
+    task = read_task(multi_built / adapter_file("cards", "task"))
+    sample = ["I still have not received my new card", "my card payment was declined at a shop",
+              "How do I top up with a bank transfer?", "what is the capital of peru"]
+    lora = multi_built / adapter_file("cards", "gguf")
+
+    def offline(exemplars):
+        return serving_eval.label_texts(multi_built / MODEL_FILE, labels, task.system_prompt, sample, threads=2,
+                                        temperature=task.calibration.temperature, lora=lora, exemplars=exemplars)
+
+    voted, alone = offline(index), offline(None)
+    with running_server(tmp_path / "srv", multi_built) as server, server.http() as c:
+        served = c.post("/api/v1/classify", json={"texts": sample, "model": "cards"}).json()["results"]
+    assert [r.label for r in voted] == [x["intent"] for x in served]
+    assert [r.confidence for r in voted] == pytest.approx([x["confidence"] for x in served], abs=0.02)
+    assert max(abs(v.confidence - a.confidence) for v, a in zip(voted, alone)) > 0.05
 
 
 def test_rerun_does_no_work(multi_built, base_dir, cards_adapter, fraud_adapter, shared_data_dir):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from .. import __version__
 from ..answers import AnswerLibraryError, default_answers_file, read_library
-from ..artifacts import (ADAPTER_NAME_RE, ADAPTER_REPORT_SCHEMA, ANSWERS_FILE, VALIDATION_FILE, Task, adapter_file,
-                         check_adapter_name, write_adapter_report, write_labels, write_task)
-from ..errors import AdapterMismatchError, GateRefusedError, InputError
+from ..artifacts import (ADAPTER_NAME_RE, ADAPTER_REPORT_SCHEMA, ANSWERS_FILE, EXEMPLARS_CSV, VALIDATION_FILE, Task,
+                         adapter_file, check_adapter_name, write_adapter_report, write_labels, write_task)
+from ..errors import AdapterMismatchError, DataError, GateRefusedError, InputError
 from ..fsutil import sha256_file
 from ..settings import Settings
 from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapter
 from .base import BaseInfo
-from .calibrate import calibrate
+from .calibrate import calibrate, encode_vote, read_exemplars
 from .convert import convert_to_gguf
 from .gate import Gate, verdict_for
 from .lora_gguf import LoraGgufInfo, convert_lora
@@ -44,12 +44,17 @@ class AdapterInput:
     task: Task | None
     answers: object | None = None  # answers.AnswerLibrary, for a classifier with an answer library
     no_answers: str | None = None  # why a classifier ships without one
+    exemplar_rows: tuple[list[str], list[str]] | None = None  # its exemplars.csv rows for the vote (read, checked)
+    exemplars_per_label: int = 0  # the cap those rows were read with (settings.exemplars_per_label)
 
     def digests(self) -> dict:
         """What decides this adapter's outputs (goes into the build's inputs digest)."""
-        return {"name": self.name, "sha256": self.lora.sha256, "pin_sha256": self.lora.pin_sha256,
-                "files": self.lora.dir.contract_digests(),
-                "answers_sha256": self.answers.sha256 if self.answers is not None else None}
+        digests = {"name": self.name, "sha256": self.lora.sha256, "pin_sha256": self.lora.pin_sha256,
+                   "files": self.lora.dir.contract_digests(),
+                   "answers_sha256": self.answers.sha256 if self.answers is not None else None}
+        if self.exemplar_rows is not None:
+            digests["exemplars_per_label"] = self.exemplars_per_label
+        return digests
 
 
 @dataclass
@@ -60,6 +65,7 @@ class BuiltAdapter:
     gguf: Path
     report: dict
     task: Task | None
+    exemplars: Path | None = None  # the exemplar vote's index (adapter.NAME.exemplars.npz in the work directory)
     files: dict[str, str] = field(default_factory=dict)  # filled by write_adapter_files
 
 
@@ -172,7 +178,12 @@ def prepare_adapters(settings: Settings, specs: list[tuple[str, str, str | None]
             raise type(exc)(f"adapter {name}: {exc.message}", exc.fix) from None
         labels = lora.labels
         answers, no_answers = answers_for(settings, labels, lora.path / ANSWERS_FILE)
-        items.append(AdapterInput(name, lora, labels, lora.task, answers, no_answers))
+        try:
+            rows = read_exemplars(lora.path, labels, lora.task, settings.exemplars_per_label)
+        except DataError as exc:
+            raise type(exc)(f"adapter {name}: {exc.message}", exc.fix) from None
+        items.append(AdapterInput(name, lora, labels, lora.task, answers, no_answers, rows,
+                                  settings.exemplars_per_label))
     return items
 
 
@@ -227,16 +238,29 @@ def build_adapter(settings: Settings, item: AdapterInput, base: BaseInfo, templa
             f"KLD {score.mean_kld:.4f} (limit {settings.adapter_gate_max_kld:g}), top-1 {score.top1_agreement:.1%}",
             f"check adapter {name} was trained on this base, or build without it")
 
+    # The exemplar vote, as for a merged build, through the shipped base with this adapter's GGUF LoRA applied.
+    warnings = [item.no_answers] if item.no_answers else []
+    exemplars, vote_file = None, work / adapter_file(name, "exemplars")
+    if item.exemplar_rows is not None:
+        with progress.stage(f"adapter {name}: encode {len(item.exemplar_rows[0])} exemplars for the vote") as rec:
+            if adapts_output(lora):
+                skipped = (f"adapter {name}: no exemplar vote: it adapts the output matrix or the embeddings, so its "
+                           "hidden state cannot be read back through the base's output matrix")
+            else:
+                exemplars, skipped = encode_vote(model, item.labels, item.task.system_prompt, item.exemplar_rows,
+                                                 settings.resolved_threads(), vote_file, lora=gguf)
+            if skipped:
+                warnings.append(skipped)
+                rec["detail"] = skipped
     task, calibration = item.task, None
     validation = lora.path / VALIDATION_FILE
     if item.labels and task is not None and validation.is_file():
         with progress.stage(f"adapter {name}: calibrate confidences and the answer threshold") as rec:
             task, calibration = calibrate(model, item.labels, task, validation, settings.target_answered_accuracy,
-                                          settings.resolved_threads(), lora=gguf)
+                                          settings.resolved_threads(), lora=gguf, exemplars=exemplars)
             calibration.pop("plots", None)  # plots stay with single-model builds; the figures are in the report
             rec["detail"] = (f"threshold {calibration['threshold']}: {calibration['coverage']:.1%} answered at "
                              f"{calibration['answered_accuracy']:.1%} accuracy")
-    warnings = [item.no_answers] if item.no_answers else []
     if verdict == "warn":
         warnings.append(f"adapter {name} is {score.ppl_increase:.1%} worse than its f16 merge in perplexity "
                         f"(ships, with this warning, under {settings.gate_warn_below:.0%})")
@@ -251,9 +275,21 @@ def build_adapter(settings: Settings, item: AdapterInput, base: BaseInfo, templa
         "answers": {"file": adapter_file(name, "answers"), "sha256": item.answers.sha256,
                     "intents": len(item.answers.intents)} if item.answers is not None else None,
         "calibration": calibration,
+        "exemplars": {"file": adapter_file(name, "exemplars"), "rows": len(exemplars.label_ids),
+                      "labels": len(exemplars.labels), "per_label_cap": item.exemplars_per_label,
+                      "source_sha256": sha256_file(lora.path / EXEMPLARS_CSV)} if exemplars is not None else None,
         "files": {},
     }
-    return BuiltAdapter(item, gguf, report, task)
+    return BuiltAdapter(item, gguf, report, task, vote_file if exemplars is not None else None)
+
+
+def adapts_output(lora: Adapter) -> bool:
+    """Whether the adapter changes the output matrix or the embeddings (the exemplar vote reads the hidden state
+    back through the base's output matrix, which such an adapter no longer serves with)."""
+    from safetensors import safe_open
+
+    with safe_open(lora.dir.weights, framework="numpy") as f:
+        return any("lm_head" in k or "embed_tokens" in k for k in f.keys())
 
 
 def _verdict(ppl_increase: float, mean_kld: float, settings: Settings) -> str:
@@ -282,6 +318,8 @@ def write_adapter_files(directory: Path, built: BuiltAdapter, template: str, set
         put("labels", lambda p: write_labels(p, item.labels))
     if item.answers is not None:
         put("answers", lambda p: shutil.copyfile(item.answers.source, p))
+    if built.exemplars is not None:
+        put("exemplars", lambda p: shutil.copyfile(built.exemplars, p))
     if built.task is not None:  # the task names its label file beside it
         task = dataclasses.replace(built.task, labels=adapter_file(name, "labels") if item.labels else None)
         put("task", lambda p: write_task(p, task))

@@ -22,12 +22,11 @@ from ..fsutil import (atomic_dir, remove_stale_temps, require_free_disk, sha256_
                       write_json_atomic)
 from ..resources import default_adapter_dir, default_gate_text
 from ..settings import Settings
-from ..training import serving_eval
 from .adapter import Adapter, adapter_limits, check_adapter_fits, resolve_adapter
 from .adapters import (answers_for, base_f16, build_adapter, parse_adapter_specs, prepare_adapters, split_spec,
                        write_adapter_files)
 from .adapters import summary as adapter_summary
-from .calibrate import calibrate, first_per_label, read_validation
+from .calibrate import calibrate, encode_vote, read_exemplars
 from .base import BaseInfo, ensure_default_base, inspect_base
 from .convert import convert_to_gguf, converter_version
 from .gate import Gate
@@ -88,10 +87,7 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
     # A classifier's build carries the approved answers it will serve: checked against its labels now.
     answers, no_answers = answers_for(settings, labels)
     # And its exemplar vote, when the adapter ships its examples (exemplars.csv): read and checked now.
-    exemplar_rows = None
-    if labels and task is not None and lora is not None and (lora.path / EXEMPLARS_CSV).is_file():
-        exemplar_rows = first_per_label(*read_validation(lora.path / EXEMPLARS_CSV, labels, "exemplars"),
-                                        settings.exemplars_per_label)
+    exemplar_rows = read_exemplars(lora.path, labels, task, settings.exemplars_per_label) if lora else None
     text_path = Path(ppl_text) if ppl_text else default_gate_text()
     text = _read_text(text_path)
     _check_gate_text_length(text, base_dir, settings)
@@ -158,14 +154,12 @@ def run_build(settings: Settings, base: Path | None = None, adapter: str | list[
         exemplars = None
         if exemplar_rows is not None:
             with progress.stage(f"encode {len(exemplar_rows[0])} exemplars for the vote") as rec:
-                try:
-                    exemplars = serving_eval.encode_exemplars(work / chosen["file"], labels, task.system_prompt,
-                                                              *exemplar_rows, threads=threads)
-                except InputError as exc:  # a model whose hidden state its logits cannot give back
-                    warnings.append(f"no exemplar vote: {exc.message}")
-                    rec["detail"] = "skipped: " + exc.message
+                exemplars, skipped = encode_vote(work / chosen["file"], labels, task.system_prompt, exemplar_rows,
+                                                 threads, work / EXEMPLARS_FILE)
+                if skipped:
+                    warnings.append(skipped)
+                    rec["detail"] = skipped
                 else:
-                    exemplars.save(work / EXEMPLARS_FILE)
                     rec.update(inputs={EXEMPLARS_CSV: sha256_file(lora.path / EXEMPLARS_CSV)},
                                outputs={EXEMPLARS_FILE: sha256_file(work / EXEMPLARS_FILE)})
             steps.append(rec)

@@ -8,8 +8,8 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from ..artifacts import Calibration, Task
-from ..errors import DataError
+from ..artifacts import EXEMPLARS_CSV, Calibration, Task
+from ..errors import DataError, InputError
 from ..training import serving_eval
 
 
@@ -38,6 +38,29 @@ def first_per_label(texts: list[str], gold: list[str], n: int) -> tuple[list[str
             kept_texts.append(text)
             kept_gold.append(label)
     return kept_texts, kept_gold
+
+
+def read_exemplars(adapter_dir: Path, labels: list[str] | None, task: Task | None,
+                  per_label: int) -> tuple[list[str], list[str]] | None:
+    """A classifier adapter's exemplars for the vote (the first `per_label` of each label; 0: all), read and checked
+    against its labels before any heavy work; None for an adapter without exemplars.csv or without a classify task."""
+    path = Path(adapter_dir) / EXEMPLARS_CSV
+    if not labels or task is None or not path.is_file():
+        return None
+    return first_per_label(*read_validation(path, labels, "exemplars"), per_label)
+
+
+def encode_vote(model: Path, labels: list[str], system_prompt: str, rows: tuple[list[str], list[str]], threads: int,
+                out: Path, lora: Path | None = None):
+    """The exemplar vote's index: the rows' hidden states through the model that will serve (with `lora` applied,
+    for an adapter served beside its base), saved to `out`. (Exemplars, None), or (None, the warning) for a model
+    whose hidden state its logits cannot give back."""
+    try:
+        exemplars = serving_eval.encode_exemplars(model, labels, system_prompt, *rows, threads=threads, lora=lora)
+    except InputError as exc:
+        return None, f"no exemplar vote: {exc.message}"
+    exemplars.save(out)
+    return exemplars, None
 
 
 def calibrate(gguf: Path, labels: list[str], task: Task, validation: Path, target_accuracy: float,

@@ -16,6 +16,7 @@ from ..artifacts import (ADAPTER_SUFFIXES, adapter_file, check_adapter_name, rea
                          read_labels, read_task)
 from ..errors import InputError
 from ..fsutil import sha256_file, write_json_atomic
+from .exemplars import Exemplars
 
 log = logging.getLogger("bankllm.service")
 
@@ -94,7 +95,7 @@ class ServedModel:
     manifest: str | None = None
     gguf: Path | None = None
     labeler: object | None = None  # made once the engine has a vocabulary
-    exemplars: object | None = None  # exemplars.Exemplars: the vote beside the label (the base's, from its build)
+    exemplars: object | None = None  # exemplars.Exemplars: the vote beside the label (from its build)
 
     def __post_init__(self):
         self.label_set = set(self.labels)
@@ -128,10 +129,13 @@ def adapter_model(directory: Path, name: str, report: dict, origin: str, bank_fa
     answers = answers_for(labels, answers_path if answers_path.is_file() else None, bank_facts)
     temperature = task.calibration.temperature if task is not None and task.calibration is not None else 1.0
     threshold = task.threshold if task is not None and task.threshold is not None else default_threshold
+    vote = directory / adapter_file(name, "exemplars")  # its exemplar vote, when its build encoded one
+    exemplars = Exemplars.load(vote, labels) if labels and vote.is_file() else None
     from ..artifacts import DEFAULT_SYSTEM_PROMPT
 
     return ServedModel(name, name, origin, labels, task.system_prompt if task else DEFAULT_SYSTEM_PROMPT,
-                       temperature, threshold, answers, report, manifest, directory / adapter_file(name, "gguf"))
+                       temperature, threshold, answers, report, manifest, directory / adapter_file(name, "gguf"),
+                       exemplars=exemplars)
 
 
 class AdapterStore:

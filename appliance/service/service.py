@@ -137,6 +137,7 @@ class Service:
         self.base = ServedModel(settings.model_name, None, "base", self.files.labels, self.files.system_prompt,
                                 calibration.get("temperature", 1.0), threshold, answers)
         self.base.exemplars = load_exemplars(self.files)  # refused here too, before the model loads
+        self._hidden: HiddenState | None = None  # made once the engine has a vocabulary (_make_labeler)
         self.models: dict[str, ServedModel] = {self.base.id: self.base}
         self.adapter_store = AdapterStore(settings.resolved_state_dir())
         self._base_sha256: str | None = None
@@ -239,7 +240,9 @@ class Service:
         if model.labels:
             hidden = None
             if model.exemplars is not None and hasattr(self.engine, "n_vocab"):  # a real model's logits
-                hidden = HiddenState(self.files.gguf, self.engine.n_vocab)
+                if self._hidden is None:  # one for the served model.gguf: its adapters read through its output matrix
+                    self._hidden = HiddenState(self.files.gguf, self.engine.n_vocab)
+                hidden = self._hidden
             model.labeler = Labeler(self.engine, self.template, model.labels, model.system_prompt, model.temperature,
                                     model.exemplars, hidden)
 

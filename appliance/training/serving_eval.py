@@ -55,13 +55,14 @@ def label_texts(gguf: Path, labels: list[str], system_prompt: str, texts: list[s
 
 
 def encode_exemplars(gguf: Path, labels: list[str], system_prompt: str, texts: list[str], gold: list[str],
-                     threads: int = 0, n_seq_max: int = ENCODE_SEQ_MAX) -> Exemplars:
-    """The exemplars' hidden states through the served GGUF: each text's classify prompt and one label step (the
-    logits after the prompt are all the vote needs), n_seq_max at a time."""
+                     threads: int = 0, n_seq_max: int = ENCODE_SEQ_MAX, lora: Path | None = None) -> Exemplars:
+    """The exemplars' hidden states through the served GGUF (with `lora`, a GGUF LoRA applied, as an adapter served
+    beside its base): each text's classify prompt and one label step (the logits after the prompt are all the vote
+    needs), n_seq_max at a time."""
     def row(labeler, text: str, done, ms: float):
         return labeler.hidden(done.features)
 
-    vectors = _through_engine(gguf, labels, system_prompt, texts, threads, 1.0, n_seq_max, None, None, row,
+    vectors = _through_engine(gguf, labels, system_prompt, texts, threads, 1.0, n_seq_max, lora, None, row,
                               first_step_only=True)
     names = sorted(set(gold))
     index = {name: i for i, name in enumerate(names)}
