@@ -112,6 +112,26 @@ def test_adapter_verdict_bands_and_kld_cap():
     assert _verdict(-0.2, cap * 1.5, settings) == "refuse"
 
 
+@pytest.mark.fast
+def test_an_adapter_that_changes_the_output_matrix_is_told_apart(tmp_path):
+    """The exemplar vote reads the hidden state back through the base's output matrix: not for such an adapter."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from appliance.pipeline.adapters import adapts_output
+
+    a = np.zeros((4, 8), dtype=np.float32)
+    layers = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a}
+    for name, extra, expected in (("attention", {}, False),
+                                  ("head", {"base_model.model.lm_head.lora_A.weight": a}, True),
+                                  ("embed", {"base_model.model.model.embed_tokens.lora_embedding_A": a}, True)):
+        weights = tmp_path / f"{name}.safetensors"
+        save_file({**layers, **extra}, str(weights))
+        assert adapts_output(SimpleNamespace(dir=SimpleNamespace(weights=weights))) is expected
+
+
 # --- the build ------------------------------------------------------------------------------------
 
 def test_multi_adapter_layout_reports_and_hashes(multi_built, cards_adapter, fraud_adapter):
