@@ -174,7 +174,7 @@ def test_forgetting_check_runs_on_base_and_adapter(interrupted_then_resumed, bas
     from appliance.training.forgetting import PROBES, forgetting_check, require_no_forgetting
 
     cfg, _, _ = interrupted_then_resumed
-    rep = forgetting_check(base_dir, cfg.out, threads=1)
+    rep = forgetting_check(base_dir, cfg.out, threads=2)
     assert set(rep["base"]["probes"]) == {p.name for p in PROBES} == set(rep["fine_tuned"]["probes"])
     assert 0 <= rep["base"]["pass_rate"] <= 1 and rep["probes_ok"] == (rep["drop"] <= 0.10)
     ppl = rep["perplexity"]
