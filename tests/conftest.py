@@ -130,7 +130,7 @@ def run_cli(*args, env=None, netns: bool = False, timeout: float = 900, cwd=None
 
 
 # The default build's exemplar vote encodes the first this many exemplars of each label (bankllm's
-# exemplars_per_label): 1,848 of the shipped 9,263 rows, so the build takes minutes rather than a quarter of an hour.
+# exemplars_per_label): 1,872 of the shipped 9,262 rows, so the build takes minutes rather than a quarter of an hour.
 # The shipped figures (README, train-report.json) come from full builds with tests/benchmarks/bench_assistant.py.
 DEFAULT_BUILD_EXEMPLARS_PER_LABEL = 24
 

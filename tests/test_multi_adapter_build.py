@@ -23,7 +23,7 @@ from .conftest import CACHE, REPO, _digest, make_lora_adapter, run_cli
 
 SHIPPED = REPO / "build" / "default" / "adapter"
 VALIDATION_ROWS = 40  # the shipped adapter's validation split, cut to keep calibration to seconds in a test
-EXEMPLARS_PER_LABEL = 4  # the first 4 of each label of its exemplars (312 of 9,263 rows): the vote in a minute
+EXEMPLARS_PER_LABEL = 4  # the first 4 of each label of its exemplars (312 of 9,262 rows): the vote in a minute
 
 
 def _env(shared_data_dir: Path, **extra) -> dict:
