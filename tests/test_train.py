@@ -273,3 +273,13 @@ def test_training_with_rehearsal_records_the_kl_from_zero(tmp_path, base_dir):
     assert kl[0] < 1e-4 and all(k >= 0 for k in kl)
     assert 1 <= rep["replay"]["rehearsal"]["chats"] <= 2 and rep["replay"]["rehearsal"]["per_step"] == 2
     assert list((tmp_path / "cache").glob("rehearsal-*.json"))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("config", ["{not json", '{"r": 8}'])
+def test_a_broken_init_adapter_config_is_one_line_before_anything_is_written(tmp_path, config):
+    (tmp_path / "adapter_config.json").write_text(config)
+    with pytest.raises(ConfigError, match="is not a LoRA adapter config") as err:
+        train(TrainConfig(base=tmp_path, data=tmp_path / "x.csv", out=tmp_path / "out", init_adapter=tmp_path))
+    assert "\n" not in err.value.message and "--init" in err.value.fix
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter_config.json"]

@@ -367,8 +367,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
         if not init_config.is_file():
             raise ConfigError(f"the adapter to start from, {cfg.init_adapter}, has no adapter_config.json",
                               "point it at a PEFT LoRA adapter directory")
-        init = json.loads(init_config.read_text())
-        cfg = dataclasses.replace(cfg, lora_r=init["r"], lora_alpha=init["lora_alpha"])
+        try:
+            init = json.loads(init_config.read_text())
+            cfg = dataclasses.replace(cfg, lora_r=init["r"], lora_alpha=init["lora_alpha"])
+        except (ValueError, KeyError, TypeError) as exc:  # bad JSON, or a config without them
+            raise ConfigError(f"{init_config} is not a LoRA adapter config (no usable r and lora_alpha: {exc!r})",
+                              "point --init at a PEFT LoRA adapter directory saved with its weights") from None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
