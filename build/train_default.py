@@ -164,6 +164,9 @@ def main() -> int:
                    help="assistant stage: keep the base's distribution on this many general chats it wrote itself "
                         "(TrainConfig.rehearsal: KL to the base, every step)")
     p.add_argument("--rehearsal-kl", type=float, default=1.0, help="assistant stage: the rehearsal KL's weight")
+    p.add_argument("--rehearsal-tasks", action="store_true",
+                   help="assistant stage, with --rehearsal: also hold the base's distribution on short general tasks "
+                        "(TrainConfig.rehearsal_tasks, appliance/training/general_tasks.py)")
     p.add_argument("--per-label-cls", type=int, default=40, help="assistant stage: classification rows per intent")
     p.add_argument("--per-label-chat", type=int, default=6,
                    help="assistant stage: plain-chat approved-answer rows per intent")
@@ -246,7 +249,8 @@ def main() -> int:
         labels = labels + ["out_of_scope"]
         cfg = dataclasses.replace(cfg, data=data, labels=None, init_adapter=args.init, epochs=args.epochs,
                                   val_fraction=0.0, lr=args.lr, max_seq_len=192, replay=False,
-                                  rehearsal=args.rehearsal, rehearsal_kl=args.rehearsal_kl, cache_dir=REPO / ".cache",
+                                  rehearsal=args.rehearsal, rehearsal_kl=args.rehearsal_kl,
+                                  rehearsal_tasks=args.rehearsal_tasks, cache_dir=REPO / ".cache",
                                   checkpoint_dir=REPO / ".cache" / "train-default-assistant-checkpoint")
     try:
         result = train(cfg, resume=args.resume, progress=False)

@@ -79,6 +79,35 @@ def test_replay_never_trains_on_a_probe():
     assert overlaps_probe(PROBES[0].prompt) and overlaps_probe(PROBES[0].prompt.upper() + "!")
 
 
+def test_rehearsal_tasks_cover_the_probe_kinds_with_other_items():
+    """The short general tasks rehearsed by KL (general_tasks.py) ask the probes' kinds of question, never a probe's
+    own question of its own item: where a task opens with a probe's first four words, the rest differs."""
+    import re
+
+    from appliance.training.general_tasks import general_tasks
+
+    tasks = general_tasks()
+    assert len(tasks) >= 150 and len(set(tasks)) == len(tasks) and tasks == general_tasks()  # fixed order
+    assert not any(overlaps_probe(t) for t in tasks)
+
+    def words(text):
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    for probe in PROBES:
+        head, rest = words(probe.prompt)[:4], set(words(probe.prompt)[4:])
+        for task in tasks:
+            if words(task)[:4] == head:
+                assert set(words(task)[4:]) != rest, (probe.name, task)
+    # Every kind the probes measure, apart from refusal (the replay's own refusal rows), has tasks of its own.
+    openings = {"arithmetic": "answer with the number only", "yes_no": "answer yes or no", "translation": "translate to",
+                "classification": "positive or negative", "list": "name three", "language": "the plural of",
+                "definition": "in one sentence", "format": "repeat this sentence", "reasoning": "which number is bigger",
+                "knowledge": "the capital of"}
+    assert {p.kind for p in PROBES} - set(openings) == {"refusal"}
+    for kind, phrase in openings.items():
+        assert sum(phrase in t.lower() for t in tasks) >= 3, kind
+
+
 def test_replay_refuses_harmful_requests_whatever_the_base_answered(tmp_path, monkeypatch):
     """The base complies with some harmful requests (a step-by-step cheque forgery); replay trains on what it
     replays, so those rows carry the refusal, never the base's answer, fresh or from the cache."""

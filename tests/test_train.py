@@ -275,6 +275,24 @@ def test_training_with_rehearsal_records_the_kl_from_zero(tmp_path, base_dir):
     assert list((tmp_path / "cache").glob("rehearsal-*.json"))
 
 
+def test_training_with_rehearsal_tasks_adds_their_own_kl_batch(tmp_path, base_dir, monkeypatch):
+    """rehearsal_tasks: the base answers the short general tasks (cached), and each step adds a second KL over a
+    batch of them; the report counts chats and tasks apart."""
+    from appliance.training import general_tasks
+
+    prompts = ["What is 4 + 5? Answer with the number only.", "Is ice cold? Answer yes or no.",
+               "What is the plural of 'tooth'?"]
+    monkeypatch.setattr(general_tasks, "general_tasks", lambda seed=0: list(prompts))
+    cfg = tiny_config(tmp_path, base_dir, rehearsal=2, rehearsal_batch=2, rehearsal_tasks=True, max_steps=2,
+                      checkpoint_every=1, cache_dir=tmp_path / "cache")
+    rep = train(cfg, progress=False).report
+    assert rep["replay"]["rehearsal"]["tasks"] == 3 and 1 <= rep["replay"]["rehearsal"]["chats"] <= 2
+    cached = json.loads(next((tmp_path / "cache").glob("tasks-*.json")).read_text())
+    assert [c[0]["content"] for c in cached] == prompts and all(c[1]["role"] == "assistant" for c in cached)
+    kl = rep["rehearsal_kl_curve"]
+    assert len(kl) == 2 and kl[0] < 1e-4 and kl[1] > 0
+
+
 @pytest.mark.fast
 @pytest.mark.parametrize("config", ["{not json", '{"r": 8}'])
 def test_a_broken_init_adapter_config_is_one_line_before_anything_is_written(tmp_path, config):

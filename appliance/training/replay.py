@@ -205,3 +205,25 @@ def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, 
     if cache is not None:
         write_json_atomic(cache, rows)
     return [Example(messages=m, line=0, label=None) for m in rows]
+
+
+def task_rehearsal(base_dir: Path, cache_dir: Path | None = None, max_new_tokens: int = 48, batch_size: int = 32,
+                   threads: int = 0) -> list[Example]:
+    """The short general tasks (general_tasks.py) with the base's greedy answers, as chat examples for the
+    rehearsal KL (never as training targets). Cached per base and prompt list."""
+    from .general_tasks import general_tasks
+
+    prompts = general_tasks()
+    key = sha256_bytes(json.dumps([sha256_tree(base_dir), prompts, max_new_tokens, batch_size]).encode())[:12]
+    cache = Path(cache_dir) / f"tasks-{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return [Example(messages=m, line=0, label=None) for m in json.loads(cache.read_text())]
+    base = _Generator(base_dir, threads)
+    rows = []
+    for i in range(0, len(prompts), batch_size):
+        rows.extend(base.answer([[{"role": "user", "content": p}] for p in prompts[i:i + batch_size]],
+                                max_new_tokens))
+    log.info("rehearsal: the base answered %d of %d short general tasks", len(rows), len(prompts))
+    if cache is not None:
+        write_json_atomic(cache, rows)
+    return [Example(messages=m, line=0, label=None) for m in rows]

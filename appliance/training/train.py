@@ -93,6 +93,8 @@ class TrainConfig:
         "a few of them (0 = off; the default adapter's last stage used 512: see README, Forgetting)."))
     rehearsal_kl: float = 1.0
     rehearsal_batch: int = 4
+    # Also rehearse short general tasks of the probes' kinds (general_tasks.py), interleaved with the chats.
+    rehearsal_tasks: bool = False
     chat_template: str | None = field(default=None, metadata={"help": (
         "For a base without a chat template (a plain pretrained model): chatml, llama3, gemma (also phi3, mistral) "
         "or a Jinja FILE; recorded in the adapter, and `bankllm build` uses it.")})
@@ -103,7 +105,7 @@ class TrainConfig:
                 "cache_dir", "val_every"}
         # Fields added later stay out at their defaults (an unset chat_template, rehearsal off), so keys (and cached
         # adapters, checkpoints) from before they existed still match.
-        later = {"chat_template", "rehearsal", "rehearsal_kl", "rehearsal_batch"}
+        later = {"chat_template", "rehearsal", "rehearsal_kl", "rehearsal_batch", "rehearsal_tasks"}
         defaults = {k: f.default for k, f in self.__dataclass_fields__.items()}
         d = {k: str(v) for k, v in dataclasses.asdict(self).items()
              if k not in skip and not (k in later and v == defaults[k])}
@@ -396,6 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
         train_set, replay_info = mix(train_set, replay)
     train_tok = tokenize(train_set, tokenizer)
     rehearsal_tok: list[tuple[list[int], int]] = []
+    task_tok: list[tuple[list[int], int]] = []
     if cfg.rehearsal and chosen_template is not None:
         log.info("rehearsal: skipped, the base has no chat template of its own")
     elif cfg.rehearsal:
@@ -407,7 +410,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
             raise ConfigError("the base wrote no finished general chat to rehearse (--rehearsal)",
                               "train without --rehearsal, or on a base that ends its chat turns")
         rehearsal_tok = [(ids[:cfg.max_seq_len], 0) for ids, _ in tokenize(chats, tokenizer)]
-        replay_info = {**(replay_info or {}), "rehearsal": {"chats": len(rehearsal_tok), "kl_weight": cfg.rehearsal_kl,
+        if cfg.rehearsal_tasks:
+            from .replay import task_rehearsal
+
+            task_tok = [(ids[:cfg.max_seq_len], 0) for ids, _ in tokenize(
+                task_rehearsal(cfg.base, cfg.cache_dir, threads=cfg.threads), tokenizer)]
+        replay_info = {**(replay_info or {}), "rehearsal": {"chats": len(rehearsal_tok),
+                                                            "tasks": len(task_tok), "kl_weight": cfg.rehearsal_kl,
                                                             "per_step": cfg.rehearsal_batch}}
     steps_per_epoch = math.ceil(len(train_tok) / cfg.batch_size)
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
@@ -453,11 +462,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
             t0 = time.perf_counter()
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss_t = label_loss(model, input_ids.to(device), mask.to(device), lab.to(device))
-                if rehearsal_tok:
-                    k = len(rehearsal_tok)
-                    r_ids, r_mask, _ = collate([rehearsal_tok[(step * cfg.rehearsal_batch + i) % k]
+                kl_t = None
+                # The short tasks get their own batch and mean: in a batch with the long chats their few answer
+                # tokens would weigh next to nothing.
+                for pool in (p for p in (rehearsal_tok, task_tok) if p):
+                    r_ids, r_mask, _ = collate([pool[(step * cfg.rehearsal_batch + i) % len(pool)]
                                                 for i in range(cfg.rehearsal_batch)], pad_id)
-                    kl_t = rehearsal_kl(model, r_ids.to(device), r_mask.to(device))
+                    kl_p = rehearsal_kl(model, r_ids.to(device), r_mask.to(device))
+                    kl_t = kl_p if kl_t is None else kl_t + kl_p
+                if kl_t is not None:
                     loss_t = loss_t + cfg.rehearsal_kl * kl_t
             loss_t.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
