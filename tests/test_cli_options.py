@@ -17,7 +17,8 @@ pytestmark = pytest.mark.fast
 TRAIN_FLAGS = ["--data", "--out", "--base", "--labels", "--method", "--epochs", "--batch-size", "--lr",
                "--loraplus-ratio", "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules", "--max-seq-len",
                "--val-fraction", "--val-limit", "--seed", "--max-steps", "--checkpoint-every", "--forgetting-check",
-               "--no-forgetting-check", "--replay", "--no-replay", "--rehearsal", "--resume", "--config"]
+               "--no-forgetting-check", "--replay", "--no-replay", "--rehearsal", "--rehearsal-tasks", "--no-rehearsal-tasks", "--resume",
+               "--config"]
 BUILD_SOURCES = ["--build", "--wheelhouse", "--base", "--adapter", "--adapter-sha256", "--train", "--labels",
                  "--train-epochs", "--train-max-steps", "--train-lr", "--quant", "--config"]
 # The flags of every command as they were before the options were shared, in --help order (plus, since: build's

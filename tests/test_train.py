@@ -294,6 +294,14 @@ def test_training_with_rehearsal_tasks_adds_their_own_kl_batch(tmp_path, base_di
 
 
 @pytest.mark.fast
+def test_rehearsal_tasks_without_rehearsal_is_one_line_before_anything_is_written(tmp_path):
+    cfg = TrainConfig(base=tmp_path, data=tmp_path / "x.csv", out=tmp_path / "out", rehearsal_tasks=True)
+    with pytest.raises(ConfigError, match="--rehearsal-tasks needs --rehearsal N") as err:
+        train(cfg, progress=False)
+    assert "\n" not in err.value.message and not cfg.out.exists()
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("config", ["{not json", '{"r": 8}'])
 def test_a_broken_init_adapter_config_is_one_line_before_anything_is_written(tmp_path, config):
     (tmp_path / "adapter_config.json").write_text(config)

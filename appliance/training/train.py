@@ -93,8 +93,11 @@ class TrainConfig:
         "a few of them (0 = off; the default adapter's last stage used 512: see README, Forgetting)."))
     rehearsal_kl: float = 1.0
     rehearsal_batch: int = 4
-    # Also rehearse short general tasks of the probes' kinds (general_tasks.py), interleaved with the chats.
-    rehearsal_tasks: bool = False
+    # With rehearsal, also hold the base's distribution on short general tasks of the forgetting probes' kinds
+    # (general_tasks.py), a second KL batch every step.
+    rehearsal_tasks: bool = field(default=False, metadata=_flag(
+        "With --rehearsal: also keep the base's distribution on 193 short general tasks (arithmetic, facts, "
+        "yes/no, lists...; none a forgetting probe), a second KL batch every step (the default adapter's stage 13)."))
     chat_template: str | None = field(default=None, metadata={"help": (
         "For a base without a chat template (a plain pretrained model): chatml, llama3, gemma (also phi3, mistral) "
         "or a Jinja FILE; recorded in the adapter, and `bankllm build` uses it.")})
@@ -364,6 +367,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None) 
     from .evaluate import LabelDecoder, score
 
     method = select_method(cfg.method)
+    if cfg.rehearsal_tasks and not cfg.rehearsal:
+        raise ConfigError("--rehearsal-tasks needs --rehearsal N (it adds a second batch to the rehearsal KL)",
+                          "add --rehearsal 512 (as the default adapter), or drop --rehearsal-tasks")
     if cfg.init_adapter:  # a continued stage keeps its start's rank and scale: report those, not the flags'
         init_config = Path(cfg.init_adapter) / "adapter_config.json"
         if not init_config.is_file():
