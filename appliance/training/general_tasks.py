@@ -9,8 +9,8 @@ targets: the base answers them and the adapter is held to the base's whole next-
 rehearsal KL), so they keep what the base does, right or wrong, rather than teaching anything.
 
 None is a forgetting probe: every prompt that overlaps one (forgetting.overlaps_probe) is dropped, and a fast test
-checks that none asks a probe's question of the probe's own item (the same opening words and the same rest). The probes then measure whether keeping these
-carried over to items training never saw.
+checks that none asks a probe's question of the probe's own item (the same opening words and the same rest). The
+probes then measure whether keeping these carried over to items training never saw.
 """
 
 from __future__ import annotations
@@ -24,15 +24,8 @@ _ADD = ((4, 5), (8, 1), (7, 9), (12, 15), (40, 30), (25, 25), (9, 9), (14, 6), (
 _SUB = ((9, 4), (20, 5), (15, 8), (50, 25), (12, 6), (100, 40), (8, 3), (30, 12))
 _MUL = ((5, 6), (7, 3), (9, 2), (4, 4), (8, 5), (6, 6), (3, 3), (10, 5))
 _HALF = (8, 20, 50, 30, 14, 200, 64)
-_COUNTRIES = (  # (country, capital, currency, main language); none of them a probe's country
-    ("Italy", "Rome", "the euro", "Italian"), ("Spain", "Madrid", "the euro", "Spanish"),
-    ("Canada", "Ottawa", "the Canadian dollar", "English and French"), ("Portugal", "Lisbon", "the euro", "Portuguese"),
-    ("Norway", "Oslo", "the Norwegian krone", "Norwegian"), ("Kenya", "Nairobi", "the Kenyan shilling", "Swahili"),
-    ("Peru", "Lima", "the sol", "Spanish"), ("Sweden", "Stockholm", "the Swedish krona", "Swedish"),
-    ("India", "New Delhi", "the rupee", "Hindi"), ("Mexico", "Mexico City", "the peso", "Spanish"),
-    ("Australia", "Canberra", "the Australian dollar", "English"), ("Ireland", "Dublin", "the euro", "English"),
-    ("Poland", "Warsaw", "the zloty", "Polish"), ("Turkey", "Ankara", "the lira", "Turkish"),
-)
+_COUNTRIES = ("Italy", "Spain", "Canada", "Portugal", "Norway", "Kenya", "Peru", "Sweden", "India", "Mexico",
+              "Australia", "Ireland", "Poland", "Turkey")  # none of them a probe's country
 _FACT_QUESTIONS = (
     "How many days are in a week?", "How many months are in a year?", "How many minutes are in an hour?",
     "How many legs does a spider have?", "How many legs does a dog have?", "What is the freezing point of water?",
@@ -79,7 +72,7 @@ def general_tasks(seed: int = 0) -> list[str]:
     prompts += [f"What is {a} times {b}? Answer with the number only." for a, b in _MUL]
     prompts += [f"What is half of {n}? Answer with the number only." for n in _HALF]
     prompts += [f"What is {a} plus {b}?" for a, b in _ADD[:6]]
-    for country, _, _, _ in _COUNTRIES:
+    for country in _COUNTRIES:
         prompts += [f"What is the capital of {country}?", f"What is the currency of {country}?",
                     f"What language is mainly spoken in {country}?"]
     prompts += list(_FACT_QUESTIONS)
