@@ -130,6 +130,15 @@ class _Generator:
                 rows.append(chat + [{"role": "assistant", "content": answer}])
         return rows
 
+    def answer_questions(self, questions: list[str], max_new_tokens: int, batch_size: int) -> list[list[dict]]:
+        """answer() over one-turn chats, `batch_size` at a time, logging progress."""
+        rows: list[list[dict]] = []
+        for i in range(0, len(questions), batch_size):
+            rows.extend(self.answer([[{"role": "user", "content": q}] for q in questions[i:i + batch_size]],
+                                    max_new_tokens))
+            log.info("rehearsal: %d/%d answered", len(rows), len(questions))
+        return rows
+
 
 def mix(train: list[Example], replay: list[Example], share: float = REPLAY_SHARE) -> tuple[list[Example], dict]:
     """train + enough copies of `replay` to make up about `share` of it (at least one copy)."""
@@ -196,12 +205,7 @@ def self_rehearsal(base_dir: Path, cache_dir: Path | None = None, n: int = 800, 
                 continue
             seen.add(norm)
             questions.append(q)
-    questions = questions[:n]
-    rows = []
-    for i in range(0, len(questions), batch_size):
-        rows.extend(base.answer([[{"role": "user", "content": q}] for q in questions[i:i + batch_size]],
-                                max_new_tokens))
-        log.info("rehearsal: %d/%d answered", len(rows), len(questions))
+    rows = base.answer_questions(questions[:n], max_new_tokens, batch_size)
     if cache is not None:
         write_json_atomic(cache, rows)
     return [Example(messages=m, line=0, label=None) for m in rows]
@@ -218,12 +222,8 @@ def task_rehearsal(base_dir: Path, cache_dir: Path | None = None, max_new_tokens
     cache = Path(cache_dir) / f"tasks-{key}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         return [Example(messages=m, line=0, label=None) for m in json.loads(cache.read_text())]
-    base = _Generator(base_dir, threads)
-    rows = []
-    for i in range(0, len(prompts), batch_size):
-        rows.extend(base.answer([[{"role": "user", "content": p}] for p in prompts[i:i + batch_size]],
-                                max_new_tokens))
-    log.info("rehearsal: the base answered %d of %d short general tasks", len(rows), len(prompts))
+    log.info("rehearsal: the base answers %d short general tasks", len(prompts))
+    rows = _Generator(base_dir, threads).answer_questions(prompts, max_new_tokens, batch_size)
     if cache is not None:
         write_json_atomic(cache, rows)
     return [Example(messages=m, line=0, label=None) for m in rows]
